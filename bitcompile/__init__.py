@@ -1,0 +1,25 @@
+"""bitcompile: compile BitNet b1.58 ternary language models with Apache TVM, run them with the TVM runtime.
+
+    import bitcompile
+    bitcompile.compile("models/shakespeare-tiny", target="host", output="shakespeare.bitc")
+    engine = bitcompile.load("shakespeare.bitc")
+    print(engine.generate("ROMEO:", max_new_tokens=64))
+
+`load` needs only the TVM runtime, numpy and tokenizers; `compile` needs the TVM compiler.
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load a compiled artifact: returns an Engine (see bitcompile.runtime.Engine)."""
+    from .runtime import Engine
+
+    return Engine(path, **kwargs)
+
+
+def compile(model_dir, target="host", output=None, overwrite=False, progress=True):  # noqa: A001
+    """Compile a Hugging Face BitNet checkpoint directory for `target` into an artifact directory."""
+    from .build import compile_model
+
+    return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress)

@@ -1,0 +1,112 @@
+"""The compiled artifact on disk: one directory, described and sealed by manifest.json.
+
+  manifest.json    format + version, target, model config, versions, params index, sha256 of every file
+  model.so         the compiled library (code: never loaded before every hash checks out)
+  params.bin       all parameters, raw little-endian, each aligned to 64 bytes (mmap-able, zero copy)
+  tokenizer.json   Hugging Face tokenizer (+ tokenizer_config.json when the checkpoint has one)
+
+Imports only the standard library and numpy: the runtime uses it on devices without the compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "bitcompile-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+PARAMS = "params.bin"
+TOKENIZER = "tokenizer.json"
+ALIGN = 64
+
+
+class ArtifactError(ValueError):
+    """A directory that is not a usable bitcompile artifact (missing, corrupt, foreign, too new)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_params(path: Path, params: Iterable[tuple[str, np.ndarray]]) -> dict[str, dict]:
+    """Stream parameters into one aligned blob; return {name: {dtype, shape, offset, nbytes}}."""
+    index = {}
+    with open(path, "wb") as f:
+        for name, array in params:
+            array = np.ascontiguousarray(array)
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            index[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": f.tell(),
+                           "nbytes": array.nbytes}
+            f.write(memoryview(array).cast("B"))
+    return index
+
+
+def read_params(path: Path, index: dict[str, dict], order: list[str]) -> list[np.ndarray]:
+    """Map the blob and return the parameters in `order` as zero-copy arrays (copy-on-write)."""
+    blob = np.memmap(path, dtype=np.uint8, mode="c")
+    arrays = []
+    for name in order:
+        e = index[name]
+        arrays.append(blob[e["offset"] : e["offset"] + e["nbytes"]].view(e["dtype"]).reshape(e["shape"]))
+    return arrays
+
+
+def seal(directory: Path, manifest: dict) -> dict:
+    """Hash every file in the directory into the manifest and write manifest.json last."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
+                "files": {name: sha256_file(directory / name) for name in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: not a directory (expected a bitcompile artifact made by `bitcompile compile`)")
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST}; this is not a bitcompile artifact (make one with `bitcompile compile`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e}); recompile the model") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a bitcompile manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version}, this bitcompile reads version {FORMAT_VERSION}; "
+            "recompile the model with this bitcompile"
+        )
+    for key in ("files", "params", "param_order", "model", "target"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: manifest has no '{key}'; recompile the model")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict):
+    """Every file the manifest names exists and hashes to its recorded sha256."""
+    files = manifest["files"]
+    for required in (LIBRARY, PARAMS, TOKENIZER):
+        if required not in files:
+            raise ArtifactError(f"{directory}: manifest does not list {required}; recompile the model")
+    for name, digest in files.items():
+        if Path(name).name != name:
+            raise ArtifactError(f"{directory}: manifest names a file outside the artifact: {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: {name} is missing; the artifact is incomplete, recompile the model")
+        if sha256_file(path) != digest:
+            raise ArtifactError(f"{directory}: {name} does not match its sha256 in {MANIFEST}; the artifact is "
+                                "corrupt or was modified, recompile the model")

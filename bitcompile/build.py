@@ -1,0 +1,91 @@
+"""The compiler pipeline: checkpoint -> Relax graph -> schedules -> tvm.compile -> artifact (atomic)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import tvm
+from tqdm import tqdm
+from tvm import relax
+
+from . import __version__
+from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
+from .atomic import atomic_directory
+from .checkpoint import load_checkpoint
+from .model import BitNetForCausalLM
+from .packing import KERNEL_LAYOUT
+from .repack import graph_params
+from .schedule import cpu_schedule_pass
+from .targets import TargetSpec, resolve_target
+
+
+def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The default CPU pipeline with our schedule rules between fusion and lowering."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        with target:
+            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [cpu_schedule_pass()]
+                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def build_graph(ckpt, spec: TargetSpec):
+    target = tvm.target.Target(spec.tvm)
+    model = BitNetForCausalLM(ckpt.config, target)
+    mod, named_params = model.export_tvm(spec=model.spec())
+    return target, mod, [name for name, _ in named_params]
+
+
+def compile_model(model_dir: str | Path, target: str = "host", output: str | Path | None = None,
+                  overwrite: bool = False, progress: bool = True) -> Path:
+    """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path."""
+    spec = resolve_target(target)
+    model_dir = Path(model_dir)
+    output = Path(output) if output else Path(f"{model_dir.name}-{spec.name}.bitc")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; choose another --output or pass --force to replace it")
+    started = time.time()
+    say = tqdm.write if progress else (lambda *_: None)
+
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        from .config import load_config
+
+        layers = load_config(model_dir).num_hidden_layers
+        with tqdm(total=layers, desc="load checkpoint", unit="layer", disable=not progress) as bar:
+            ckpt = load_checkpoint(model_dir, progress=bar.update)
+        target_obj, mod, param_order = build_graph(ckpt, spec)
+        with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
+            executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj))
+            executable.export_library(str(tmp / LIBRARY))
+            bar.update()
+        with tqdm(total=len(param_order), desc="write parameters", unit="tensor", disable=not progress) as bar:
+            def counted(items):
+                for item in items:
+                    bar.update()
+                    yield item
+
+            index = write_params(tmp / PARAMS, counted(graph_params(ckpt)))
+        missing = set(param_order) - set(index)
+        if missing:
+            raise RuntimeError(f"internal error: parameters {sorted(missing)} were not written")
+        shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER)
+        tokenizer_config = model_dir / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            shutil.copyfile(tokenizer_config, tmp / tokenizer_config.name)
+        seal(tmp, {
+            "target": {"name": spec.name, "tvm": spec.tvm, "requires": spec.requires()},
+            "model": ckpt.config.to_dict(),
+            "weights": {"ternary_layout": KERNEL_LAYOUT, "head": "bf16"},
+            "versions": {"bitcompile": __version__, "tvm": tvm.__version__},
+            "source": str(model_dir.resolve()),
+            "params": index,
+            "param_order": param_order,
+        })
+    say(f"compiled {model_dir} for {spec.name} in {time.time() - started:.1f} s -> {output}")
+    return output

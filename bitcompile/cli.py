@@ -1,0 +1,202 @@
+"""The `bitcompile` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  bitcompile run -p "ROMEO:" -n 64                     # the shipped Shakespeare model, compiled on first use
+  bitcompile synth --preset tiny -o tiny-model         # a random checkpoint in the Hugging Face layout
+  bitcompile compile tiny-model --target host -o tiny.bitc
+  bitcompile run tiny.bitc -p "Hello" -n 32 --temperature 0
+  bitcompile info tiny.bitc
+"""
+
+
+def shipped_model() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "models" / "shakespeare-tiny", here / "models" / "shakespeare-tiny"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError("the shipped model (models/shakespeare-tiny) is missing from this installation")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITCOMPILE_CACHE", Path.home() / ".cache" / "bitcompile"))
+
+
+def _checkpoint_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.suffix in (".json", ".safetensors")):
+            h.update(path.name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def artifact_for(model_or_artifact: Path, target: str) -> Path:
+    """An artifact path: given as one, or compiled from a checkpoint into the cache on first use."""
+    from .artifact import MANIFEST
+
+    if (model_or_artifact / MANIFEST).is_file():
+        return model_or_artifact
+    if not (model_or_artifact / "config.json").is_file():
+        raise FileNotFoundError(f"{model_or_artifact}: neither a bitcompile artifact (manifest.json) nor a "
+                                "Hugging Face checkpoint (config.json)")
+    from . import __version__
+
+    out = cache_dir() / f"{model_or_artifact.name}-{_checkpoint_digest(model_or_artifact)}-{target}-{__version__}.bitc"
+    if not (out / MANIFEST).is_file():
+        from .build import compile_model
+
+        print(f"compiling {model_or_artifact} for {target} (first use; cached in {out})", file=sys.stderr)
+        compile_model(model_or_artifact, target=target, output=out, overwrite=True)
+    return out
+
+
+def cmd_compile(args):
+    from .build import compile_model
+
+    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force)
+
+
+def cmd_run(args):
+    from .runtime import Engine
+
+    source = Path(args.model) if args.model else shipped_model()
+    engine = Engine(artifact_for(source, args.target), context_length=args.context)
+    prompt = args.prompt
+    if not args.quiet:
+        sys.stdout.write(prompt)
+    for piece in engine.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed, stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_synth(args):
+    from tqdm import tqdm
+
+    from .synth import PRESETS, write_checkpoint
+
+    layers = PRESETS[args.preset]["num_hidden_layers"]
+    with tqdm(total=layers, desc=f"synth {args.preset}", unit="layer") as bar:
+        out = write_checkpoint(args.output, args.preset, args.format, args.seed, overwrite=args.force,
+                               progress=bar.update)
+    print(f"wrote {out}")
+
+
+def cmd_info(args):
+    from .artifact import read_manifest, verify_files
+
+    path = Path(args.artifact)
+    m = read_manifest(path)
+    cfg, tgt = m["model"], m["target"]
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return
+    print(f"artifact      {path}  ({size / 1e6:.1f} MB, format v{m['format_version']})")
+    print(f"target        {tgt['name']}  {json.dumps(tgt['tvm'])}")
+    print(f"requires      {tgt['requires']['arch']} {' '.join(tgt['requires']['cpu_features'])}")
+    print(f"model         {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, ffn {cfg['intermediate_size']}, "
+          f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']}, vocab {cfg['vocab_size']}, "
+          f"context {cfg['max_position_embeddings']}")
+    print(f"weights       {m.get('weights')}")
+    print(f"built with    {m.get('versions')}")
+    try:
+        verify_files(path, m)
+        print("integrity     ok (every file matches its sha256)")
+    except ValueError as e:
+        print(f"integrity     FAILED: {e}")
+        sys.exit(1)
+
+
+def cmd_targets(args):
+    from .targets import preset_names, resolve_target
+
+    for name in preset_names():
+        spec = resolve_target(name)
+        print(f"{name:16s} {spec.arch:8s} {spec.device:5s} {spec.description}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bitcompile", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Compile BitNet b1.58 ternary language models with Apache TVM and run them.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a Hugging Face BitNet checkpoint into an artifact",
+                       description="Compile a checkpoint directory (config.json, model.safetensors, tokenizer.json) "
+                                   "into one self-contained artifact directory for a target.")
+    c.add_argument("model", help="checkpoint directory")
+    c.add_argument("--target", "-t", default="host", help="target preset (see `bitcompile targets`; default: host)")
+    c.add_argument("--output", "-o", help="artifact directory to write (default: MODEL-TARGET.bitc)")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="generate text from an artifact or a checkpoint",
+                       description="Generate text. MODEL is an artifact, or a checkpoint directory that is compiled "
+                                   "for the host on first use (cached in $BITCOMPILE_CACHE or ~/.cache/bitcompile). "
+                                   "Without MODEL, the shipped Shakespeare model is used.")
+    r.add_argument("model", nargs="?", help="artifact or checkpoint directory (default: the shipped model)")
+    r.add_argument("--prompt", "-p", required=True, help="text to continue")
+    r.add_argument("--max-new-tokens", "-n", type=int, default=128, help="tokens to generate (default 128)")
+    r.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    r.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    r.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    r.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    r.add_argument("--seed", type=int, help="random seed for reproducible sampling")
+    r.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    r.add_argument("--context", type=int, help="context length in tokens (default: the model's maximum)")
+    r.add_argument("--target", default="host", help="target used when compiling a checkpoint (default host)")
+    r.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, not the prompt")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("synth", help="write a random ternary checkpoint in the Hugging Face layout",
+                       description="Write a random BitNet checkpoint (packed weights, tokenizer of the right size). "
+                                   "tiny is for tests; 2b4t has the exact shape of microsoft/bitnet-b1.58-2B-4T.")
+    s.add_argument("--preset", choices=["tiny", "2b4t"], default="tiny")
+    s.add_argument("--format", choices=["autobitlinear", "bitlinear", "online"], default="autobitlinear",
+                   help="packed weights with weight_scale multiplied (autobitlinear) or divided (bitlinear), "
+                        "or bf16 master weights (online)")
+    s.add_argument("--output", "-o", required=True, help="directory to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace an existing directory")
+    s.set_defaults(func=cmd_synth)
+
+    i = sub.add_parser("info", help="describe an artifact and check its integrity")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("targets", help="list the target presets")
+    t.set_defaults(func=cmd_targets)
+    return p
+
+
+def main(argv: list[str] | None = None):
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"bitcompile {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

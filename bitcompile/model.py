@@ -1,0 +1,164 @@
+"""BitNet b1.58 as a Relax graph (tvm.relax.frontend.nn), read top to bottom like the architecture.
+
+Differences from Llama that matter: ternary linears with per-token int8 activations, a sub-norm before
+o_proj and before down_proj, relu² on the gate. q/k/v share one ternary kernel (and one activation
+quantization), as do gate/up; their per-tensor scales become per-row multipliers.
+"""
+
+from __future__ import annotations
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from . import ternary_ops
+from .config import ModelConfig
+from .packing import BLOCK_COLS, BLOCK_ROWS
+
+
+class TernaryLinear(nn.Module):
+    """y = ternary(x_q . T^T) / s * multiplier; T stays 2-bit packed (b16x16 layout) in memory."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter((out_features // BLOCK_ROWS, in_features // BLOCK_COLS, 64), "uint8")
+        self.multiplier = nn.Parameter((out_features,), "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, k = x.shape
+        x2 = op.reshape(x, (-1, k))
+        xq, scale, xsum = op.tensor_expr_op(ternary_ops.quantize_activations, "quantize_activations", [x2],
+                                            attrs=ternary_ops.op_attrs("quantize_activations"))
+        y = op.tensor_expr_op(ternary_ops.ternary_matmul, "ternary_matmul",
+                              [xq, scale, xsum, self.weight, self.multiplier],
+                              attrs=ternary_ops.op_attrs("ternary_matmul"))
+        return op.reshape(y, (*lead, self.out_features))
+
+
+class BF16Embedding(nn.Module):
+    """Token embedding (and tied lm_head) as bf16 bit patterns: exact, half the bytes of f32."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        self.weight = nn.Parameter((vocab_size, hidden_size), "uint16")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        b, s = ids.shape
+        flat = op.reshape(ids, (-1,))
+        h = op.tensor_expr_op(ternary_ops.embedding_bf16, "embedding", [flat, self.weight],
+                              attrs=ternary_ops.op_attrs("embedding"))
+        return op.reshape(h, (b, s, -1))
+
+    def lm_head(self, x: Tensor) -> Tensor:
+        b, s, h = x.shape
+        logits = op.tensor_expr_op(ternary_ops.lm_head_bf16, "lm_head", [op.reshape(x, (-1, h)), self.weight],
+                                   attrs=ternary_ops.op_attrs("lm_head"))
+        return op.reshape(logits, (b, s, -1))
+
+
+class BitNetAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.qkv_proj = TernaryLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
+        self.attn_sub_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.o_proj = TernaryLinear(cfg.q_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim))
+        # RoPE (rotate-half) is applied to q and k inside the cache's attention, before k is stored.
+        a = cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_attention_heads, sm_scale=cfg.head_dim**-0.5)
+        a = op.reshape(a, (b, s, cfg.q_size))
+        return self.o_proj(self.attn_sub_norm(a))
+
+
+class BitNetMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = TernaryLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.ffn_sub_norm = nn.RMSNorm(cfg.intermediate_size, -1, cfg.rms_norm_eps, bias=False)
+        self.down_proj = TernaryLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        gate = op.relu(gate)
+        return self.down_proj(self.ffn_sub_norm(gate * gate * up))
+
+
+class BitNetBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.self_attn = BitNetAttention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = BitNetMLP(cfg)
+
+    def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class BitNetForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, target):
+        self.cfg, self.target = cfg, target
+        self.embed_tokens = BF16Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([BitNetBlock(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = BF16Embedding(cfg.vocab_size, cfg.hidden_size)
+
+    def _head(self) -> BF16Embedding:
+        return self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+
+    def _hidden(self, ids: Tensor, cache: PagedKVCache) -> Tensor:
+        h = self.embed_tokens(ids)
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, cache, layer_id)
+        return self.norm(h)
+
+    def prefill(self, input_ids: Tensor, cache: PagedKVCache):
+        """Final hidden states of every prompt position (logits come from `head`)."""
+        return self._hidden(input_ids, cache), cache
+
+    def decode(self, input_ids: Tensor, cache: PagedKVCache):
+        return self._head().lm_head(self._hidden(input_ids, cache)), cache
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self._head().lm_head(hidden)
+
+    def head_last(self, hidden: Tensor) -> Tensor:
+        def last_position(x):
+            b, s, h = x.shape
+            return te.compute((b, 1, h), lambda i, _, j: x[i, s - 1, j], name="last_position")
+
+        return self._head().lm_head(op.tensor_expr_op(last_position, "last_position", [hidden]))
+
+    def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
+                        page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, cfg.num_hidden_layers]), num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+            qk_head_dim=cfg.head_dim, v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=cfg.rope_theta, rope_scaling={},
+            rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim, enable_disaggregation=False,
+            dtype="float32", target=self.target,
+        )
+
+    def spec(self) -> nn.spec.ModuleSpec:
+        h = self.cfg.hidden_size
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        return nn.spec.ModuleSpec.from_raw({
+            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
+            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
+            "head": {"hidden": nn.spec.Tensor([1, "n", h], "float32"), "$": packed},
+            "head_last": {"hidden": nn.spec.Tensor([1, "seq_len", h], "float32"), "$": packed},
+            "create_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
+                "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }, self)

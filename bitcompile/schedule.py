@@ -1,0 +1,121 @@
+"""Schedule rules: how each operator of the graph runs on a target family.
+
+The ternary operators (ternary_ops.py) are found by their `bitcompile.op` attribute; everything else
+(norms, residual adds, activations) falls to dlight's generic CPU rules, then to a last-resort rule
+that parallelizes the outermost loop, so no operator is left as a serial loop nest.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import ScheduleRule
+
+
+def _op_name(func: tirx.PrimFunc) -> str | None:
+    attrs = func.attrs
+    return str(attrs["bitcompile.op"]) if attrs is not None and "bitcompile.op" in attrs else None
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def schedule_quantize_activations(sch: s_tir.Schedule):
+    """One parallel loop over tokens; each token's absmax, scale, int8 values and sum stay in cache."""
+    token = sch.get_loops(sch.get_sblock("amax"))[0]
+    for name in ("act_scale", "x_q", "x_sum"):
+        sch.reverse_compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
+    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("x_q"))[-1], factors=[None, 16])[1])
+    sch.parallel(token)
+
+
+def schedule_ternary_matmul(sch: s_tir.Schedule):
+    """Blocks of 16 output rows in parallel, the 16 rows of a block vectorized (the layout's row block)."""
+    acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
+    i, j, k = sch.get_loops(acc)
+    jo, ji = sch.split(j, factors=[None, 16])
+    ko, ki = sch.split(k, factors=[None, 16])
+    sch.reorder(jo, i, ko, ki, ji)
+    sch.parallel(jo)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(acc, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    yi, yj = sch.get_loops(y)
+    sch.parallel(yi)
+    sch.vectorize(sch.split(yj, factors=[None, 16])[1])
+
+
+def schedule_lm_head(sch: s_tir.Schedule):
+    """Vocabulary rows in parallel; the hidden dimension reduced in 16 vector lanes (rfactor)."""
+    blk = sch.get_sblock("logits")
+    i, j, h = sch.get_loops(blk)
+    sch.reorder(j, i, h)
+    ho, hi = sch.split(h, factors=[None, 16])
+    rf = sch.rfactor(hi, 2)
+    j, i, ho, hi = sch.get_loops(rf)
+    sch.reverse_compute_at(blk, i)
+    sch.parallel(j)
+    sch.vectorize(hi)
+    sch.decompose_reduction(rf, ho)
+
+
+def schedule_embedding(sch: s_tir.Schedule):
+    blk = sch.get_sblock("embed")
+    i, j = sch.get_loops(blk)
+    sch.parallel(i)
+    sch.vectorize(sch.split(j, factors=[None, 16])[1])
+
+
+class TernaryRules(ScheduleRule):
+    """Dispatch a bitcompile operator to its schedule by the `bitcompile.op` attribute."""
+
+    rules = {
+        "quantize_activations": schedule_quantize_activations,
+        "ternary_matmul": schedule_ternary_matmul,
+        "lm_head": schedule_lm_head,
+        "embedding": schedule_embedding,
+    }
+
+    def apply(self, func, target, tunable):
+        name = _op_name(func) if isinstance(func, tirx.PrimFunc) else None
+        if name not in self.rules:
+            return None
+        sch = s_tir.Schedule(func)
+        self.rules[name](sch)
+        return sch
+
+
+class ParallelOuterLoop(ScheduleRule):
+    """Last resort: parallelize the outermost spatial loop of every block that has one."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        changed = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+            loops = sch.get_loops(block)
+            if loops and sch.get(block).iter_vars and sch.get(block).iter_vars[0].iter_type == tirx.IterVar.DataPar:
+                extent = _extent(sch, loops[0])
+                if extent is None or extent > 1:
+                    try:
+                        sch.parallel(loops[0])
+                        changed = True
+                    except tvm.error.TVMError:
+                        pass
+        return sch if changed else None
+
+
+def _has_root(sch: s_tir.Schedule) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except (tvm.error.TVMError, ValueError):
+        return False
+
+
+def cpu_schedule_pass() -> tvm.transform.Pass:
+    return dl.ApplyDefaultSchedule(TernaryRules(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelOuterLoop())

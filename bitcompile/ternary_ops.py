@@ -1,0 +1,76 @@
+"""The ternary operators of the graph, as tensor expressions (TE). Their schedules live in schedule.py.
+
+quantize_activations: x f32 [M, K] -> x_q int8 [M, K], s f32 [M] (127 / max|x|), sum(x_q) int32 [M]
+ternary_matmul:      (x_q, s, sum, W packed b16x16 [N/16, K/16, 64], multiplier f32 [N]) -> y f32 [M, N]
+                     y = (sum_k code * x_q - sum(x_q)) / s * multiplier, code = t + 1 in {0, 1, 2}
+bf16 table ops:      embedding lookup and the tied lm_head on a bf16 table kept as uint16 bits.
+
+Every function carries the attribute `bitcompile.op` so schedule rules find it by name, and
+op_pattern = opaque so operator fusion leaves its block structure alone.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+OPAQUE = 8  # relax OpPatternKind.kOpaque
+
+
+def op_attrs(name: str) -> dict:
+    return {"bitcompile.op": name, "op_pattern": OPAQUE}
+
+
+def quantize_activations(x: te.Tensor):
+    m, k = x.shape
+    rk = te.reduce_axis((0, k), name="k")
+    amax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, rk]), axis=rk), name="amax")
+    scale = te.compute((m,), lambda i: tirx.const(127.0, "float32") / tirx.max(amax[i], tirx.const(1e-5, "float32")),
+                       name="act_scale")
+    xq = te.compute(
+        (m, k),
+        lambda i, j: tirx.max(tirx.min(tirx.nearbyint(x[i, j] * scale[i]), tirx.const(127.0, "float32")),
+                              tirx.const(-128.0, "float32")).astype("int8"),
+        name="x_q",
+    )
+    rs = te.reduce_axis((0, k), name="ks")
+    xsum = te.compute((m,), lambda i: te.sum(xq[i, rs].astype("int32"), axis=rs), name="x_sum")
+    return xq, scale, xsum
+
+
+def unpack_code(w: te.Tensor, n, k):
+    """Code (t + 1) of row n, input k in the b16x16 layout (see packing.py)."""
+    byte = w[n // 16, k // 16, (n % 16) * 4 + k % 4]
+    return (byte >> ((k % 16) // 4 * 2).astype("uint8")) & tirx.const(3, "uint8")
+
+
+def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor):
+    m, k = xq.shape
+    n = w.shape[0] * 16
+    rk = te.reduce_axis((0, k), name="k")
+    acc = te.compute(
+        (m, n),
+        lambda i, j: te.sum(unpack_code(w, j, rk).astype("int32") * xq[i, rk].astype("int32"), axis=rk),
+        name="acc",
+    )
+    return te.compute(
+        (m, n),
+        lambda i, j: (acc[i, j] - xsum[i]).astype("float32") / scale[i] * multiplier[j],
+        name="y",
+    )
+
+
+def bf16_to_f32(bits):
+    return tirx.reinterpret("float32", bits.astype("uint32") << tirx.const(16, "uint32"))
+
+
+def embedding_bf16(ids: te.Tensor, table: te.Tensor):
+    (s,) = ids.shape
+    h = table.shape[1]
+    return te.compute((s, h), lambda i, j: bf16_to_f32(table[ids[i], j]), name="embed")
+
+
+def lm_head_bf16(x: te.Tensor, table: te.Tensor):
+    s, h = x.shape
+    v = table.shape[0]
+    rh = te.reduce_axis((0, h), name="h")
+    return te.compute((s, v), lambda i, j: te.sum(x[i, rh] * bf16_to_f32(table[j, rh]), axis=rh), name="logits")

@@ -1,0 +1,48 @@
+"""The compiled model against the numpy reference, and the KV-cache decode against full recompute."""
+
+import numpy as np
+import pytest
+
+import bitcompile
+from bitcompile.checkpoint import load_checkpoint
+from bitcompile.reference import ReferenceModel
+
+TOLERANCE = 1e-3  # of max|logit|
+
+
+@pytest.mark.parametrize("fmt", ["autobitlinear", "bitlinear", "online"])
+def test_compiled_logits_equal_reference(checkpoints, artifacts, fmt):
+    engine = bitcompile.load(artifacts[fmt])
+    ref = ReferenceModel(load_checkpoint(checkpoints[fmt]))
+    ids = np.random.default_rng(7).integers(0, engine.config.vocab_size, 80).tolist()
+    got, want = engine.logits(ids), ref.logits(ids)
+    assert got.shape == (80, engine.config.vocab_size) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()
+
+
+def test_prefill_in_chunks_equals_one_prefill(artifacts):
+    ids = np.random.default_rng(3).integers(0, 384, 70).tolist()
+    whole = bitcompile.load(artifacts["autobitlinear"]).logits(ids)
+    chunked = bitcompile.load(artifacts["autobitlinear"], prefill_chunk=16).logits(ids)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-4 * np.abs(whole).max())
+
+
+def test_greedy_decode_through_kv_cache_equals_full_recompute(engine):
+    prompt = engine.encode("The quick brown fox")
+    steps = 40
+    ids = list(prompt)
+    for _ in range(steps):  # full recompute: a fresh prefill of the whole sequence every step
+        token = int(np.argmax(engine.logits(ids)[-1]))
+        if token in engine.config.eos_token_ids:
+            break
+        ids.append(token)
+    assert len(ids) - len(prompt) >= 32
+    cached = "".join(engine.stream(prompt, max_new_tokens=steps, temperature=0))
+    assert cached == engine.decode(ids[len(prompt):])
+
+
+def test_greedy_tokens_equal_reference_greedy(checkpoints, engine):
+    ref = ReferenceModel(load_checkpoint(checkpoints["autobitlinear"]))
+    prompt = engine.encode("ROMEO:")
+    want = ref.greedy(prompt, 12)[len(prompt):]
+    assert engine.generate(prompt, max_new_tokens=12, temperature=0) == engine.decode(want)

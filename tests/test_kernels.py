@@ -1,0 +1,75 @@
+"""Each scheduled operator, compiled alone for the host, against exact integer / numpy results."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, te
+
+from bitcompile import reference, schedule, ternary_ops
+from bitcompile.packing import pack_kernel
+from bitcompile.targets import host_target
+
+TARGET = tvm.target.Target(host_target().tvm)
+
+
+def build(tensors, rule):
+    sch = s_tir.Schedule(te.create_prim_func(tensors))
+    rule(sch)
+    return tvm.compile(sch.mod, TARGET)
+
+
+def run(lib, *arrays):
+    tvm_arrays = [tvm.runtime.tensor(a) for a in arrays]
+    lib(*tvm_arrays)
+    return [a.numpy() for a in tvm_arrays]
+
+
+@pytest.mark.parametrize("m, k", [(1, 64), (5, 2560 // 8)])
+def test_quantize_activations_matches_reference_exactly(m, k):
+    x = te.placeholder((m, k), "float32")
+    lib = build([x, *ternary_ops.quantize_activations(x)], schedule.schedule_quantize_activations)
+    xv = (np.random.default_rng(m).standard_normal((m, k)) * 3).astype(np.float32)
+    xv[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties: round half to even
+    _, xq, s, xsum = run(lib, xv, np.zeros((m, k), np.int8), np.zeros(m, np.float32), np.zeros(m, np.int32))
+    ref_q, ref_s = reference.quantize_activations(xv)
+    np.testing.assert_array_equal(xq, ref_q)
+    np.testing.assert_array_equal(s, ref_s[:, 0])
+    np.testing.assert_array_equal(xsum, ref_q.sum(axis=1))
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 48, 64), (7, 32, 160), (1, 3 * 64, 256)])
+def test_ternary_matmul_integer_dot_is_exact(m, n, k):
+    rng = np.random.default_rng(n + k)
+    xq_t, s_t, sum_t = te.placeholder((m, k), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
+    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
+    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
+                schedule.schedule_ternary_matmul)
+    t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    exact = xq.astype(np.int64) @ t.astype(np.int64).T
+    ones = np.ones(m, np.float32)
+    *_, y = run(lib, xq, ones, xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
+                np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, exact.astype(np.float32))  # |values| < 2^24: exact in float32
+    s, mult = rng.uniform(1, 50, m).astype(np.float32), rng.uniform(0.1, 2, n).astype(np.float32)
+    *_, y = run(lib, xq, s, xq.sum(1, dtype=np.int32), pack_kernel(t), mult, np.zeros((m, n), np.float32))
+    np.testing.assert_allclose(y, exact.astype(np.float32) / s[:, None] * mult, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_bf16_lm_head_and_embedding(m):
+    rng = np.random.default_rng(m)
+    v, h = 100, 64
+    table = rng.standard_normal((v, h)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    x_t, tab_t = te.placeholder((m, h), "float32"), te.placeholder((v, h), "uint16")
+    head = build([x_t, tab_t, ternary_ops.lm_head_bf16(x_t, tab_t)], schedule.schedule_lm_head)
+    x = rng.standard_normal((m, h)).astype(np.float32)
+    *_, logits = run(head, x, table.view(np.uint16), np.zeros((m, v), np.float32))
+    np.testing.assert_allclose(logits, x @ table.astype(np.float32).T, rtol=1e-5, atol=1e-5)
+
+    ids_t = te.placeholder((m,), "int32")
+    embed = build([ids_t, tab_t, ternary_ops.embedding_bf16(ids_t, tab_t)], schedule.schedule_embedding)
+    ids = rng.integers(0, v, m).astype(np.int32)
+    *_, rows = run(embed, ids, table.view(np.uint16), np.zeros((m, h), np.float32))
+    np.testing.assert_array_equal(rows, table.astype(np.float32)[ids])

@@ -1,0 +1,64 @@
+"""The runtime path runs where the TVM compiler library does not exist (as on a Raspberry Pi)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tvm
+
+from bitcompile.checkpoint import load_checkpoint
+from bitcompile.reference import ReferenceModel
+
+RUNTIME_SCRIPT = r"""
+import json, sys
+import numpy as np
+import bitcompile
+engine = bitcompile.load(sys.argv[1])
+logits = engine.logits([1, 2, 3, 4, 5, 6])
+text = engine.generate("hello", max_new_tokens=8, temperature=0)
+try:
+    import tvm.relax.frontend.nn  # the compiler's Python side needs libtvm_compiler
+    compiler_usable = True
+except Exception:
+    compiler_usable = False
+maps = open("/proc/self/maps").read()
+np.save(sys.argv[2], logits)
+print(json.dumps({"text": text, "compiler_mapped": "libtvm_compiler" in maps,
+                  "runtime_mapped": "libtvm_runtime" in maps,
+                  "build_imported": "bitcompile.build" in sys.modules, "compiler_usable": compiler_usable}))
+"""
+
+
+def tvm_without_compiler(root: Path) -> Path:
+    """A copy of the tvm package (symlinks) whose lib/ holds only the runtime libraries."""
+    real = Path(tvm.__file__).parent
+    pkg = root / "tvm"
+    pkg.mkdir(parents=True)
+    for entry in real.iterdir():
+        if entry.name != "lib":
+            (pkg / entry.name).symlink_to(entry)
+    (pkg / "lib").mkdir()
+    for lib in (real / "lib").iterdir():
+        if "compiler" not in lib.name:
+            (pkg / "lib" / lib.name).symlink_to(lib)
+    return root
+
+
+def test_artifact_runs_without_the_tvm_compiler(artifacts, checkpoints, tmp_path):
+    site = tvm_without_compiler(tmp_path / "site")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    env.pop("TVM_LIBRARY_PATH", None)
+    out = subprocess.run([sys.executable, "-c", RUNTIME_SCRIPT, str(artifacts["autobitlinear"]),
+                          str(tmp_path / "logits.npy")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["runtime_mapped"] and not result["compiler_mapped"]
+    assert not result["compiler_usable"] and not result["build_imported"]
+    want = ReferenceModel(load_checkpoint(checkpoints["autobitlinear"])).logits([1, 2, 3, 4, 5, 6])
+    got = np.load(tmp_path / "logits.npy")
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    assert result["text"]
