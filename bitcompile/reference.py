@@ -26,7 +26,8 @@ def bitlinear(x: np.ndarray, ternary: np.ndarray, multiplier: np.float32) -> np.
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + F32(eps)) * weight
+    inv_rms = F32(1.0) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + F32(eps))
+    return inv_rms * x * weight
 
 
 def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:

@@ -35,6 +35,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule):
 def schedule_ternary_matmul(sch: s_tir.Schedule):
     """Blocks of 16 output rows in parallel, the 16 rows of a block vectorized (the layout's row block)."""
     acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
+    sch.compute_inline(sch.get_sblock("codes"))
     i, j, k = sch.get_loops(acc)
     jo, ji = sch.split(j, factors=[None, 16])
     ko, ki = sch.split(k, factors=[None, 16])
@@ -69,22 +70,72 @@ def schedule_embedding(sch: s_tir.Schedule):
     sch.vectorize(sch.split(j, factors=[None, 16])[1])
 
 
+def schedule_rms_norm(sch: s_tir.Schedule):
+    """RMSNorm as legalized by TOPI: one (parallel) loop over rows, each row reduced once.
+
+    dlight's CPU Reduction rule parallelizes the hidden axis for a single row and recomputes the
+    whole sum of squares per element (O(hidden^2)); this rule keeps it O(hidden)."""
+    for name in ("T_cast_1", "T_cast", "T_multiply"):
+        sch.compute_inline(sch.get_sblock(name))
+    out = sch.get_sblock("T_rms_norm")
+    consumers = sch.get_consumers(out)
+    if consumers:
+        sch.reverse_compute_inline(consumers[0])
+    *rows, h = sch.get_loops(out)
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    for name in ("rsqrt", "T_multiply_red"):
+        sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
+    sch.parallel(row)
+    sch.vectorize(sch.split(h, factors=[None, 16])[1])
+
+
+def _has_blocks(sch: s_tir.Schedule, *names: str) -> bool:
+    try:
+        for name in names:
+            sch.get_sblock(name)
+        return True
+    except Exception:  # the schedule raises a generic FFI error for an unknown block name
+        return False
+
+
+def _is_rms_norm(sch: s_tir.Schedule) -> bool:
+    return _has_blocks(sch, "T_multiply_red", "rsqrt", "T_rms_norm", "T_cast_1", "T_cast", "T_multiply")
+
+
+class RMSNormRule(ScheduleRule):
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _is_rms_norm(sch):
+            return None
+        schedule_rms_norm(sch)
+        return sch
+
+
+def ternary_matmul_rule(target):
+    """The best ternary matmul schedule this target supports."""
+    from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
+
+    return schedule_ternary_matmul_vnni if has_vnni(target) else schedule_ternary_matmul
+
+
 class TernaryRules(ScheduleRule):
     """Dispatch a bitcompile operator to its schedule by the `bitcompile.op` attribute."""
 
     rules = {
         "quantize_activations": schedule_quantize_activations,
-        "ternary_matmul": schedule_ternary_matmul,
         "lm_head": schedule_lm_head,
         "embedding": schedule_embedding,
     }
 
     def apply(self, func, target, tunable):
         name = _op_name(func) if isinstance(func, tirx.PrimFunc) else None
-        if name not in self.rules:
+        rule = ternary_matmul_rule(target) if name == "ternary_matmul" else self.rules.get(name)
+        if rule is None:
             return None
         sch = s_tir.Schedule(func)
-        self.rules[name](sch)
+        rule(sch)
         return sch
 
 
@@ -96,7 +147,7 @@ class ParallelOuterLoop(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_blocks(sch, "root") else []:
             loops = sch.get_loops(block)
             if loops and sch.get(block).iter_vars and sch.get(block).iter_vars[0].iter_type == tirx.IterVar.DataPar:
                 extent = _extent(sch, loops[0])
@@ -104,18 +155,10 @@ class ParallelOuterLoop(ScheduleRule):
                     try:
                         sch.parallel(loops[0])
                         changed = True
-                    except tvm.error.TVMError:
+                    except Exception:  # not parallelizable (e.g. a carried dependence): leave it
                         pass
         return sch if changed else None
 
 
-def _has_root(sch: s_tir.Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except (tvm.error.TVMError, ValueError):
-        return False
-
-
 def cpu_schedule_pass() -> tvm.transform.Pass:
-    return dl.ApplyDefaultSchedule(TernaryRules(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelOuterLoop())
+    return dl.ApplyDefaultSchedule(TernaryRules(), RMSNormRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelOuterLoop())

@@ -37,19 +37,23 @@ def quantize_activations(x: te.Tensor):
     return xq, scale, xsum
 
 
-def unpack_code(w: te.Tensor, n, k):
-    """Code (t + 1) of row n, input k in the b16x16 layout (see packing.py)."""
-    byte = w[n // 16, k // 16, (n % 16) * 4 + k % 4]
-    return (byte >> ((k % 16) // 4 * 2).astype("uint8")) & tirx.const(3, "uint8")
-
-
 def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor):
     m, k = xq.shape
     n = w.shape[0] * 16
+    # codes[nb, kb, j, r*4 + kk] = code of row nb*16 + r at input kb*16 + 4j + kk: bit plane j of a block.
+    # Schedules compute it per 64-byte block in registers (or inline it); it is never materialized whole.
+    codes = te.compute(
+        (w.shape[0], w.shape[1], 4, 64),
+        lambda nb, kb, j, b: (w[nb, kb, b] >> (j * 2).astype("uint8")) & tirx.const(3, "uint8"),
+        name="codes",
+    )
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(
         (m, n),
-        lambda i, j: te.sum(unpack_code(w, j, rk).astype("int32") * xq[i, rk].astype("int32"), axis=rk),
+        lambda i, j: te.sum(
+            codes[j // 16, rk // 16, rk % 16 // 4, j % 16 * 4 + rk % 4].astype("int32") * xq[i, rk].astype("int32"),
+            axis=rk,
+        ),
         name="acc",
     )
     return te.compute(

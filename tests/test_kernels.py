@@ -73,3 +73,21 @@ def test_bf16_lm_head_and_embedding(m):
     ids = rng.integers(0, v, m).astype(np.int32)
     *_, rows = run(embed, ids, table.view(np.uint16), np.zeros((m, h), np.float32))
     np.testing.assert_array_equal(rows, table.astype(np.float32)[ids])
+
+
+@pytest.mark.skipif(not __import__("bitcompile.schedule_x86", fromlist=["x"]).has_vnni(TARGET),
+                    reason="host CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("m, n, k", [(1, 64, 64), (1, 128, 256), (5, 192, 160), (3, 64 * 3, 2560 // 4)])
+def test_vnni_ternary_matmul_is_exact(m, n, k):
+    from bitcompile.schedule_x86 import schedule_ternary_matmul_vnni
+    rng = np.random.default_rng(n * k + m)
+    xq_t, s_t, sum_t = te.placeholder((m, k), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
+    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
+    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
+                schedule_ternary_matmul_vnni)
+    t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    exact = xq.astype(np.int64) @ t.astype(np.int64).T
+    *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
+                np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, exact.astype(np.float32))

@@ -1,0 +1,95 @@
+"""x86 schedules for the ternary matmul: AVX-512 VNNI (`vpdpbusd`) on the b16x16 layout.
+
+One bit plane of a 64-byte weight block is 16 rows x 4 inputs of unsigned codes (t + 1): exactly the
+u8 operand of vpdpbusd; the int8 activations of those 4 inputs, broadcast to 16 lanes, are the s8
+operand. LLVM never forms vpdpbusd on its own (and TVM's own VNNI intrinsic is broken under LLVM 22,
+whose vpdpbusd.512 takes <64 x i8> operands), so the inner 16x4 block is tensorized with ours.
+
+Loop nest (decode and prefill alike):
+  parallel nbo (groups of `row_blocks` x 16 output rows)
+    token i
+      kb (16 inputs), j (bit plane)           <- unrolled
+        nbi (row_blocks independent int32x16 accumulators, unrolled)
+          codes = (w[nb, kb, :] >> 2j) & 3    (64 bytes, in a register)
+          acc[nbi] = vpdpbusd(acc[nbi], codes, broadcast(x_q[i, kb*16 + 4j : +4]))
+    y = (acc - sum(x_q)) / s * multiplier     (16 lanes at a time)
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    a: T.Buffer((64,), "uint8", offset_factor=1, scope="local"),
+    b: T.Buffer((4,), "int8", offset_factor=1),
+    c: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:16], a[0:64], b[0:4])
+        T.writes(c[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.cast(a[vi * 4 + vk], "int32") * T.cast(b[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    a: T.Buffer((64,), "uint8", offset_factor=1, scope="local"),
+    b: T.Buffer((4,), "int8", offset_factor=1),
+    c: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(c[0:16], a[0:64], b[0:4])
+        T.writes(c[0:16])
+        a_i8x64 = T.reinterpret(a.vload([0], "uint8x64"), dtype="int8x64")
+        b_i8x64 = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
+        c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            c.vload([0], dtype="int32x16"),
+            a_i8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
+def _register():
+    try:
+        TensorIntrin.get(VNNI_16x4)
+    except (ValueError, Exception):  # not registered yet
+        TensorIntrin.register(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
+
+
+_register()
+
+
+def has_vnni(target) -> bool:
+    return target.kind.name == "llvm" and bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target))
+
+
+def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+    acc, y, codes = sch.get_sblock("acc"), sch.get_sblock("y"), sch.get_sblock("codes")
+    i, n, k = sch.get_loops(acc)
+    nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
+    kb, j, kk = sch.split(k, factors=[None, 4, 4])
+    sch.reorder(nbo, i, kb, j, nbi, r, kk)
+    sch.parallel(nbo)
+    writeback = sch.cache_write(acc, 0, "local")  # acc now accumulates in registers; this copies them out
+    sch.reverse_compute_at(writeback, i)
+    sch.reverse_compute_inline(y)  # y = (acc - sum) / s * multiplier straight from the accumulators
+    sch.compute_at(codes, nbi)
+    sch.set_scope(codes, 0, "local")
+    sch.vectorize(sch.get_loops(codes)[-1])
+    sch.decompose_reduction(acc, kb)
+    sch.tensorize(r, VNNI_16x4)
+    sch.unroll(nbi)
+    sch.unroll(j)
+    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
