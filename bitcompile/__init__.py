@@ -18,8 +18,10 @@ def load(path, **kwargs):
     return Engine(path, **kwargs)
 
 
-def compile(model_dir, target="host", output=None, overwrite=False, progress=True):  # noqa: A001
-    """Compile a Hugging Face BitNet checkpoint directory for `target` into an artifact directory."""
+def compile(model_dir, target="host", output=None, overwrite=False, progress=True, head=None):  # noqa: A001
+    """Compile a Hugging Face BitNet checkpoint directory for `target` into an artifact directory.
+
+    head: lm_head storage, "bf16" | "int8" | "f32" (default: int8 for vocabularies >= 32000, else bf16)."""
     from .build import compile_model
 
-    return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress)
+    return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress, head=head)

@@ -14,6 +14,7 @@ from . import __version__
 from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
 from .atomic import atomic_directory
 from .checkpoint import load_checkpoint
+from .head import check_head, default_head
 from .model import BitNetForCausalLM
 from .packing import KERNEL_LAYOUT
 from .repack import graph_params
@@ -35,17 +36,21 @@ def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def build_graph(ckpt, spec: TargetSpec):
+def build_graph(ckpt, spec: TargetSpec, head: str = "bf16"):
     target = tvm.target.Target(spec.tvm)
-    model = BitNetForCausalLM(ckpt.config, target)
+    model = BitNetForCausalLM(ckpt.config, target, head)
     mod, named_params = model.export_tvm(spec=model.spec())
     return target, mod, [name for name, _ in named_params]
 
 
 def compile_model(model_dir: str | Path, target: str = "host", output: str | Path | None = None,
-                  overwrite: bool = False, progress: bool = True) -> Path:
-    """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path."""
+                  overwrite: bool = False, progress: bool = True, head: str | None = None) -> Path:
+    """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path.
+
+    `head`: lm_head storage ("bf16", "int8", "f32"; see head.py); default int8 for large vocabularies."""
     spec = resolve_target(target)
+    if head is not None:
+        check_head(head)
     model_dir = Path(model_dir)
     output = Path(output) if output else Path(f"{model_dir.name}-{spec.name}.bitc")
     if output.exists() and not overwrite:
@@ -59,7 +64,8 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         layers = load_config(model_dir).num_hidden_layers
         with tqdm(total=layers, desc="load checkpoint", unit="layer", disable=not progress) as bar:
             ckpt = load_checkpoint(model_dir, progress=bar.update)
-        target_obj, mod, param_order = build_graph(ckpt, spec)
+        head = head or default_head(ckpt.config.vocab_size)
+        target_obj, mod, param_order = build_graph(ckpt, spec, head)
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
             executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj))
             executable.export_library(str(tmp / LIBRARY))
@@ -70,7 +76,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
                     bar.update()
                     yield item
 
-            index = write_params(tmp / PARAMS, counted(graph_params(ckpt)))
+            index = write_params(tmp / PARAMS, counted(graph_params(ckpt, head)))
         missing = set(param_order) - set(index)
         if missing:
             raise RuntimeError(f"internal error: parameters {sorted(missing)} were not written")
@@ -81,7 +87,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         seal(tmp, {
             "target": {"name": spec.name, "tvm": spec.tvm, "requires": spec.requires()},
             "model": ckpt.config.to_dict(),
-            "weights": {"ternary_layout": KERNEL_LAYOUT, "head": "bf16"},
+            "weights": {"ternary_layout": KERNEL_LAYOUT, "head": head},
             "versions": {"bitcompile": __version__, "tvm": tvm.__version__},
             "source": str(model_dir.resolve()),
             "params": index,

@@ -65,7 +65,7 @@ def artifact_for(model_or_artifact: Path, target: str) -> Path:
 def cmd_compile(args):
     from .build import compile_model
 
-    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force)
+    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force, head=args.head)
 
 
 def cmd_run(args):
@@ -143,6 +143,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="checkpoint directory")
     c.add_argument("--target", "-t", default="host", help="target preset (see `bitcompile targets`; default: host)")
     c.add_argument("--output", "-o", help="artifact directory to write (default: MODEL-TARGET.bitc)")
+    c.add_argument("--head", choices=["bf16", "int8", "f32"],
+                   help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), f32; "
+                        "default int8 for vocabularies >= 32000, else bf16")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.set_defaults(func=cmd_compile)
 

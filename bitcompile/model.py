@@ -57,6 +57,27 @@ class BF16Embedding(nn.Module):
         return op.reshape(logits, (b, s, -1))
 
 
+class LMHead(nn.Module):
+    """A separate output head: int8 rows + per-row scale, bf16 (untied models) or f32 (see head.py)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, kind: str):
+        self.kind = kind
+        dtype = {"int8": "int8", "bf16": "uint16", "f32": "float32"}[kind]
+        self.weight = nn.Parameter((vocab_size, hidden_size), dtype)
+        if kind == "int8":
+            self.scale = nn.Parameter((vocab_size,), "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, h = x.shape
+        x2 = op.reshape(x, (-1, h))
+        if self.kind == "int8":
+            fn, args = ternary_ops.lm_head_int8, [x2, self.weight, self.scale]
+        else:
+            fn, args = (ternary_ops.lm_head_bf16 if self.kind == "bf16" else ternary_ops.lm_head_f32), [x2, self.weight]
+        logits = op.tensor_expr_op(fn, "lm_head", args, attrs=ternary_ops.op_attrs("lm_head"))
+        return op.reshape(logits, (b, s, -1))
+
+
 class BitNetAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -100,16 +121,17 @@ class BitNetBlock(nn.Module):
 
 
 class BitNetForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, target):
+    def __init__(self, cfg: ModelConfig, target, head: str = "bf16"):
         self.cfg, self.target = cfg, target
         self.embed_tokens = BF16Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([BitNetBlock(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = BF16Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.shares_embedding = cfg.tie_word_embeddings and head == "bf16"
+        if not self.shares_embedding:
+            self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, head)
 
-    def _head(self) -> BF16Embedding:
-        return self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+    def _logits(self, hidden: Tensor) -> Tensor:
+        return self.embed_tokens.lm_head(hidden) if self.shares_embedding else self.lm_head(hidden)
 
     def _hidden(self, ids: Tensor, cache: PagedKVCache) -> Tensor:
         h = self.embed_tokens(ids)
@@ -122,17 +144,17 @@ class BitNetForCausalLM(nn.Module):
         return self._hidden(input_ids, cache), cache
 
     def decode(self, input_ids: Tensor, cache: PagedKVCache):
-        return self._head().lm_head(self._hidden(input_ids, cache)), cache
+        return self._logits(self._hidden(input_ids, cache)), cache
 
     def head(self, hidden: Tensor) -> Tensor:
-        return self._head().lm_head(hidden)
+        return self._logits(hidden)
 
     def head_last(self, hidden: Tensor) -> Tensor:
         def last_position(x):
             b, s, h = x.shape
             return te.compute((b, 1, h), lambda i, _, j: x[i, s - 1, j], name="last_position")
 
-        return self._head().lm_head(op.tensor_expr_op(last_position, "last_position", [hidden]))
+        return self._logits(op.tensor_expr_op(last_position, "last_position", [hidden]))
 
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
                         page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:

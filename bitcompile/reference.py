@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .head import dequantized_head
 
 F32 = np.float32
 
@@ -57,10 +58,11 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
 class ReferenceModel:
     """Full-sequence forward: logits(ids) -> [len, vocab] float32."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, head: str = "bf16"):
+        """`head`: the lm_head option the compiled model uses (head.py); "bf16" is the checkpoint's own."""
         self.cfg = ckpt.config
         self.embed = ckpt.embed.astype(F32)
-        self.head = ckpt.head.astype(F32)
+        self.head = dequantized_head(ckpt.head, head)
         self.final_norm = ckpt.final_norm
         self.layers = [
             (layer, {name: (w.ternary(), w.multiplier) for name, w in layer.linears.items()})

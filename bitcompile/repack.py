@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .checkpoint import Checkpoint, TernaryWeight
+from .head import head_params
 from .packing import pack_kernel
 
 
@@ -24,7 +25,7 @@ def _bits(table: np.ndarray) -> np.ndarray:
     return table.view(np.uint16)
 
 
-def graph_params(ckpt: Checkpoint) -> Iterator[tuple[str, np.ndarray]]:
+def graph_params(ckpt: Checkpoint, head: str = "bf16") -> Iterator[tuple[str, np.ndarray]]:
     yield "embed_tokens.weight", _bits(ckpt.embed)
     for i, layer in enumerate(ckpt.layers):
         p, lin = f"layers.{i}.", layer.linears
@@ -38,5 +39,5 @@ def graph_params(ckpt: Checkpoint) -> Iterator[tuple[str, np.ndarray]]:
         yield p + "post_attention_layernorm.weight", layer.post_attention_norm
         yield p + "mlp.ffn_sub_norm.weight", layer.ffn_sub_norm
     yield "norm.weight", ckpt.final_norm
-    if ckpt.lm_head is not None:
-        yield "lm_head.weight", _bits(ckpt.lm_head)
+    if not (ckpt.config.tie_word_embeddings and head == "bf16"):
+        yield from head_params(ckpt.head, head).items()

@@ -4,6 +4,7 @@ quantize_activations: x f32 [M, K] -> x_q int8 [M, K], s f32 [M] (127 / max|x|),
 ternary_matmul:      (x_q, s, sum, W packed b16x16 [N/16, K/16, 64], multiplier f32 [N]) -> y f32 [M, N]
                      y = (sum_k code * x_q - sum(x_q)) / s * multiplier, code = t + 1 in {0, 1, 2}
 bf16 table ops:      embedding lookup and the tied lm_head on a bf16 table kept as uint16 bits.
+lm_head variants:    f32, bf16, int8 rows with a per-row scale (see head.py for the options).
 
 Every function carries the attribute `bitcompile.op` so schedule rules find it by name, and
 op_pattern = opaque so operator fusion leaves its block structure alone.
@@ -73,8 +74,21 @@ def embedding_bf16(ids: te.Tensor, table: te.Tensor):
     return te.compute((s, h), lambda i, j: bf16_to_f32(table[ids[i], j]), name="embed")
 
 
-def lm_head_bf16(x: te.Tensor, table: te.Tensor):
+def _head_matvec(x: te.Tensor, rows: int, weight_at):
     s, h = x.shape
-    v = table.shape[0]
     rh = te.reduce_axis((0, h), name="h")
-    return te.compute((s, v), lambda i, j: te.sum(x[i, rh] * bf16_to_f32(table[j, rh]), axis=rh), name="logits")
+    return te.compute((s, rows), lambda i, j: te.sum(x[i, rh] * weight_at(j, rh), axis=rh), name="logits")
+
+
+def lm_head_bf16(x: te.Tensor, table: te.Tensor):
+    return _head_matvec(x, table.shape[0], lambda j, h: bf16_to_f32(table[j, h]))
+
+
+def lm_head_f32(x: te.Tensor, table: te.Tensor):
+    return _head_matvec(x, table.shape[0], lambda j, h: table[j, h])
+
+
+def lm_head_int8(x: te.Tensor, q: te.Tensor, row_scale: te.Tensor):
+    """logits = row_scale[v] * sum_h x[h] * q[v, h]: int8 rows widened to f32 in registers."""
+    acc = _head_matvec(x, q.shape[0], lambda j, h: q[j, h].astype("float32"))
+    return te.compute(acc.shape, lambda i, j: acc[i, j] * row_scale[j], name="head_scale")

@@ -91,3 +91,17 @@ def test_vnni_ternary_matmul_is_exact(m, n, k):
     *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
                 np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, exact.astype(np.float32))
+
+
+def test_int8_lm_head():
+    from bitcompile.head import quantize_int8_rows
+    rng = np.random.default_rng(9)
+    m, v, h = 2, 96, 64
+    table = rng.standard_normal((v, h)).astype(np.float32)
+    q, scale = quantize_int8_rows(table)
+    assert np.abs(q.astype(np.float32) * scale[:, None] - table).max() <= scale.max() / 2 + 1e-6
+    x_t, q_t, s_t = te.placeholder((m, h), "float32"), te.placeholder((v, h), "int8"), te.placeholder((v,), "float32")
+    lib = build([x_t, q_t, s_t, ternary_ops.lm_head_int8(x_t, q_t, s_t)], schedule.schedule_lm_head)
+    x = rng.standard_normal((m, h)).astype(np.float32)
+    *_, logits = run(lib, x, q, scale, np.zeros((m, v), np.float32))
+    np.testing.assert_allclose(logits, (x @ q.astype(np.float32).T) * scale, rtol=1e-5, atol=1e-5)
