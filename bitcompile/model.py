@@ -7,6 +7,8 @@ quantization), as do gate/up; their per-tensor scales become per-row multipliers
 
 from __future__ import annotations
 
+import contextlib
+
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -14,6 +16,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from . import ternary_ops
+from .attention_cpu import use_fast_cpu_attention
 from .config import ModelConfig
 from .packing import BLOCK_COLS, BLOCK_ROWS
 
@@ -158,6 +161,13 @@ class BitNetForCausalLM(nn.Module):
 
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
                         page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
+        cfg = self.cfg
+        fast_kernels = use_fast_cpu_attention() if self.target.kind.name == "llvm" else contextlib.nullcontext()
+        with fast_kernels:
+            return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                                        support_sliding_window)
+
+    def _paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window):
         cfg = self.cfg
         return TIRPagedKVCache(
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,

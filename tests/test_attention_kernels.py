@@ -1,0 +1,87 @@
+"""Our CPU attention kernels for the paged KV cache against attention written out in numpy."""
+
+import numpy as np
+import pytest
+import tvm
+
+from bitcompile.attention_cpu import attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu
+from bitcompile.targets import host_target
+
+HQ, HKV, D, PAGE = 4, 2, 32, 16
+SCALE = D**-0.5
+
+
+def build(func):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tvm.target.Target(host_target().tvm))
+    return lib.jit()["main"]
+
+
+def attend(q, k, v, visible):
+    """q [Hq, D]; k, v [n, Hkv, D]; visible keys -> out [Hq, D], lse in log2 units."""
+    k, v = np.repeat(k[:visible], HQ // HKV, axis=1), np.repeat(v[:visible], HQ // HKV, axis=1)
+    s = np.einsum("hd,thd->ht", q.astype(np.float64), k) * SCALE
+    m = s.max(axis=1, keepdims=True)
+    p = np.exp(s - m)
+    out = np.einsum("ht,thd->hd", p / p.sum(axis=1, keepdims=True), v)
+    return out, (m[:, 0] + np.log(p.sum(axis=1))) / np.log(2)
+
+
+def paged(rng, keys, values):
+    """Scatter keys/values [n, Hkv, D] into randomly ordered pages; return pages, page list, last page length."""
+    n = len(keys)
+    npages = (n + PAGE - 1) // PAGE
+    order = rng.permutation(npages + 2)[:npages].astype(np.int32)
+    pages = rng.standard_normal((npages + 2, 2, HKV, PAGE, D)).astype(np.float32)  # garbage outside the sequence
+    for pos in range(n):
+        pages[order[pos // PAGE], 0, :, pos % PAGE] = keys[pos]
+        pages[order[pos // PAGE], 1, :, pos % PAGE] = values[pos]
+    return pages, order, np.array([n - (npages - 1) * PAGE], np.int32)
+
+
+def t(*arrays):
+    return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 70])
+def test_decode_attends_every_cached_key(n):
+    rng = np.random.default_rng(n)
+    k, v = rng.standard_normal((2, n, HKV, D)).astype(np.float32)
+    q = rng.standard_normal((1, HQ, D)).astype(np.float32)
+    pages, order, last = paged(rng, k, v)
+    npages = len(order)
+    args = t(q, pages, np.array([0, npages], np.int32), order, last, np.zeros(1, np.int32), np.zeros(1, np.int32),
+             np.zeros((1, HQ, D), np.float32), np.zeros((1, HQ), np.float32))
+    build(attention_decode_cpu(HKV, HQ, D, "float32", False, {}))(*args, 0, 1.0, 1e4, SCALE)
+    want, want_lse = attend(q[0], k, v, n)
+    np.testing.assert_allclose(args[7].numpy()[0], want, atol=2e-5)
+    np.testing.assert_allclose(args[8].numpy()[0], want_lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("n, causal", [(1, 1), (19, 1), (40, 1), (19, 0)])
+def test_ragged_prefill_is_causal_within_the_new_tokens(n, causal):
+    rng = np.random.default_rng(n + causal)
+    q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, n, HKV, D)).astype(np.float32)
+    args = t(q, np.array([0, n], np.int32), k, v, np.array([0, n], np.int32), np.arange(n, dtype=np.int32),
+             np.zeros(1, np.int32), np.zeros((n, HQ, D), np.float32), np.zeros((n, HQ), np.float32))
+    build(attention_prefill_ragged_cpu(HKV, HQ, D, D, "float32", {}))(*args, causal, 0, 1.0, 1e4, SCALE)
+    for i in range(n):
+        want, want_lse = attend(q[i], k, v, i + 1 if causal else n)
+        np.testing.assert_allclose(args[7].numpy()[i], want, atol=2e-5)
+        np.testing.assert_allclose(args[8].numpy()[i], want_lse, atol=2e-5)
+
+
+@pytest.mark.parametrize("cached, new, causal", [(20, 5, 1), (33, 1, 1), (16, 8, 0)])
+def test_paged_prefill_sees_the_prefix_and_respects_causality(cached, new, causal):
+    rng = np.random.default_rng(cached * new)
+    n = cached + new
+    q = rng.standard_normal((new, HQ, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, n, HKV, D)).astype(np.float32)
+    pages, order, last = paged(rng, k, v)
+    args = t(q, np.array([0, new], np.int32), pages, np.array([0, len(order)], np.int32), order, last,
+             np.zeros(1, np.int32), np.arange(new, dtype=np.int32), np.zeros((new, HQ, D), np.float32),
+             np.zeros((new, HQ), np.float32))
+    build(attention_prefill_paged_cpu(HKV, HQ, D, "float32", False, {}))(*args, causal, 0, 1.0, 1e4, SCALE)
+    for i in range(new):
+        want, _ = attend(q[i], k, v, cached + i + 1 if causal else n)
+        np.testing.assert_allclose(args[8].numpy()[i], want, atol=2e-5)
