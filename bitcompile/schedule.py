@@ -36,6 +36,8 @@ def schedule_ternary_matmul(sch: s_tir.Schedule):
     """Blocks of 16 output rows in parallel, the 16 rows of a block vectorized (the layout's row block)."""
     acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
     sch.compute_inline(sch.get_sblock("codes"))
+    if _has_blocks(sch, "x_pad"):
+        sch.compute_inline(sch.get_sblock("x_pad"))
     i, j, k = sch.get_loops(acc)
     jo, ji = sch.split(j, factors=[None, 16])
     ko, ki = sch.split(k, factors=[None, 16])

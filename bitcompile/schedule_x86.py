@@ -76,6 +76,9 @@ def has_vnni(target) -> bool:
 
 
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI."""
+    if _has_block(sch, "x_pad"):
+        return _schedule_prefill(sch, row_blocks)
     acc, y, codes = sch.get_sblock("acc"), sch.get_sblock("y"), sch.get_sblock("codes")
     i, n, k = sch.get_loops(acc)
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
@@ -85,11 +88,49 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     writeback = sch.cache_write(acc, 0, "local")  # acc now accumulates in registers; this copies them out
     sch.reverse_compute_at(writeback, i)
     sch.reverse_compute_inline(y)  # y = (acc - sum) / s * multiplier straight from the accumulators
-    sch.compute_at(codes, nbi)
-    sch.set_scope(codes, 0, "local")
-    sch.vectorize(sch.get_loops(codes)[-1])
+    _unpack_in_registers(sch, codes, nbi)
     sch.decompose_reduction(acc, kb)
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(nbi)
     sch.unroll(j)
     sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+
+
+def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
+    sch.compute_at(codes, loop)
+    sch.set_scope(codes, 0, "local")
+    sch.vectorize(sch.get_loops(codes)[-1])
+
+
+def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
+    """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
+    from .ternary_ops import M_TILE
+
+    acc, y, codes, pad = (sch.get_sblock(b) for b in ("acc", "y", "codes", "x_pad"))
+    i, n, k = sch.get_loops(acc)
+    mo, mi = sch.split(i, factors=[None, M_TILE])
+    nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
+    kb, j, kk = sch.split(k, factors=[None, 4, 4])
+    sch.reorder(nbo, mo, kb, j, nbi, mi, r, kk)
+    sch.parallel(nbo)
+    writeback = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(writeback, mo)
+    _unpack_in_registers(sch, codes, nbi)
+    sch.decompose_reduction(acc, kb)
+    sch.tensorize(r, VNNI_16x4)
+    sch.unroll(nbi)
+    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+    pi, pk = sch.get_loops(pad)
+    sch.parallel(pi)
+    sch.vectorize(sch.split(pk, factors=[None, 16])[1])
+    yi, yn = sch.get_loops(y)
+    sch.parallel(yi)
+    sch.vectorize(sch.split(yn, factors=[None, 16])[1])
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # unknown block name
+        return False

@@ -38,9 +38,19 @@ def quantize_activations(x: te.Tensor):
     return xq, scale, xsum
 
 
+M_TILE = 8  # prefill: tokens per register tile; a dynamic token count is padded up to a multiple
+
+
 def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor):
     m, k = xq.shape
     n = w.shape[0] * 16
+    rows = m
+    if not isinstance(m, (int, tirx.IntImm)):
+        # Prefill: pad the tokens to whole tiles so schedules can tile them without a predicate.
+        rows = (m + M_TILE - 1) // M_TILE * M_TILE
+        x = xq
+        xq = te.compute((rows, k), lambda i, kk: tirx.if_then_else(i < m, x[i, kk], tirx.const(0, "int8")),
+                        name="x_pad")
     # codes[nb, kb, j, r*4 + kk] = code of row nb*16 + r at input kb*16 + 4j + kk: bit plane j of a block.
     # Schedules compute it per 64-byte block in registers (or inline it); it is never materialized whole.
     codes = te.compute(
@@ -50,7 +60,7 @@ def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tenso
     )
     rk = te.reduce_axis((0, k), name="k")
     acc = te.compute(
-        (m, n),
+        (rows, n),
         lambda i, j: te.sum(
             codes[j // 16, rk // 16, rk % 16 // 4, j % 16 * 4 + rk % 4].astype("int32") * xq[i, rk].astype("int32"),
             axis=rk,

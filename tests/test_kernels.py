@@ -105,3 +105,24 @@ def test_int8_lm_head():
     x = rng.standard_normal((m, h)).astype(np.float32)
     *_, logits = run(lib, x, q, scale, np.zeros((m, v), np.float32))
     np.testing.assert_allclose(logits, (x @ q.astype(np.float32).T) * scale, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 8, 21])
+def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
+    """The prefill variant (symbolic token count, padded to whole tiles inside the op)."""
+    from bitcompile.schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    n, k = 128, 96
+    tokens = tvm.tirx.Var("m", "int64")
+    xq_t, s_t, sum_t = te.placeholder((tokens, k), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
+    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
+    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
+                schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul)
+    rng = np.random.default_rng(m)
+    t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
+                np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, (xq.astype(np.int64) @ t.astype(np.int64).T).astype(np.float32))
