@@ -122,6 +122,15 @@ def cmd_info(args):
         sys.exit(1)
 
 
+def cmd_export_onnx(args):
+    from .onnx_export import export_onnx
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; choose another --output or pass --force to replace it")
+    print(f"wrote {export_onnx(args.model, out, head=args.head)}")
+
+
 def cmd_targets(args):
     from .targets import preset_names, resolve_target
 
@@ -169,8 +178,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a random ternary checkpoint in the Hugging Face layout",
                        description="Write a random BitNet checkpoint (packed weights, tokenizer of the right size). "
-                                   "tiny is for tests; 2b4t has the exact shape of microsoft/bitnet-b1.58-2B-4T.")
-    s.add_argument("--preset", choices=["tiny", "2b4t"], default="tiny")
+                                   "tiny and small are for tests; 2b4t has the exact shape of "
+                                   "microsoft/bitnet-b1.58-2B-4T.")
+    s.add_argument("--preset", choices=["tiny", "small", "2b4t"], default="tiny")
     s.add_argument("--format", choices=["autobitlinear", "bitlinear", "online"], default="autobitlinear",
                    help="packed weights with weight_scale multiplied (autobitlinear) or divided (bitlinear), "
                         "or bf16 master weights (online)")
@@ -183,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("export-onnx", help="write the same model as an ONNX Runtime graph (the baseline)",
+                       description="Write the checkpoint as an ONNX graph for ONNX Runtime: MatMulNBits 2-bit "
+                                   "(accuracy_level 4) ternary layers, GroupQueryAttention with KV cache, the tied "
+                                   "head as MatMulNBits 8- or 4-bit. Needs the `baseline` extra (onnx, onnxruntime).")
+    x.add_argument("model", help="checkpoint directory")
+    x.add_argument("--output", "-o", required=True, help="model.onnx to write (weights over 256 MB go beside it)")
+    x.add_argument("--head", choices=["int8", "int4", "f32"], default="int8", help="lm_head precision (default int8)")
+    x.add_argument("--force", action="store_true", help="replace an existing file")
+    x.set_defaults(func=cmd_export_onnx)
 
     t = sub.add_parser("targets", help="list the target presets")
     t.set_defaults(func=cmd_targets)

@@ -17,6 +17,8 @@ from .packing import pack_hf
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=384, max_position_embeddings=256, rope_theta=10000.0),
+    "small": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=384, max_position_embeddings=256, rope_theta=10000.0),
     "2b4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                  num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0),
 }
