@@ -42,7 +42,7 @@ def _checkpoint_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def artifact_for(model_or_artifact: Path, target: str) -> Path:
+def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) -> Path:
     """An artifact path: given as one, or compiled from a checkpoint into the cache on first use."""
     from .artifact import MANIFEST
 
@@ -53,12 +53,13 @@ def artifact_for(model_or_artifact: Path, target: str) -> Path:
                                 "Hugging Face checkpoint (config.json)")
     from . import __version__
 
-    out = cache_dir() / f"{model_or_artifact.name}-{_checkpoint_digest(model_or_artifact)}-{target}-{__version__}.bitc"
+    digest = _checkpoint_digest(model_or_artifact)
+    out = cache_dir() / f"{model_or_artifact.name}-{digest}-{target}-{head or 'default'}-{__version__}.bitc"
     if not (out / MANIFEST).is_file():
         from .build import compile_model
 
         print(f"compiling {model_or_artifact} for {target} (first use; cached in {out})", file=sys.stderr)
-        compile_model(model_or_artifact, target=target, output=out, overwrite=True)
+        compile_model(model_or_artifact, target=target, output=out, overwrite=True, head=head)
     return out
 
 
@@ -69,10 +70,13 @@ def cmd_compile(args):
 
 
 def cmd_run(args):
+    source = Path(args.model) if args.model else shipped_model()
+    artifact = artifact_for(source, args.target)
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # nothing was compiled: load only the TVM runtime
     from .runtime import Engine
 
-    source = Path(args.model) if args.model else shipped_model()
-    engine = Engine(artifact_for(source, args.target), context_length=args.context)
+    engine = Engine(artifact, context_length=args.context)
     prompt = args.prompt
     if not args.quiet:
         sys.stdout.write(prompt)
@@ -82,6 +86,17 @@ def cmd_run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_bench(args):
+    from .bench import run_bench
+
+    threads = [int(t) for t in args.threads.split(",")]
+    if any(t < 1 for t in threads) or args.prompt < 1 or args.gen < 1:
+        raise ValueError("--threads, --prompt and --gen must be positive")
+    source = Path(args.model) if args.model else shipped_model()
+    baseline = None if args.baseline == "none" else args.baseline
+    run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json)
 
 
 def cmd_synth(args):
@@ -175,6 +190,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--target", default="host", help="target used when compiling a checkpoint (default host)")
     r.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, not the prompt")
     r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="bitcompile vs ONNX Runtime: prefill/decode speed, memory, bandwidth",
+                       description="Benchmark the compiled model against ONNX Runtime on the same model in one run. "
+                                   "Each engine runs in its own process; decode speed is related to this machine's "
+                                   "measured read bandwidth (bytes read per token x tokens/s). Try: "
+                                   "bitcompile synth --preset 2b4t -o 2b4t && bitcompile bench 2b4t --threads 1,2")
+    b.add_argument("model", nargs="?", help="checkpoint directory or artifact (default: the shipped model)")
+    b.add_argument("--threads", default="2", help="comma-separated thread counts (default 2)")
+    b.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
+    b.add_argument("--baseline", choices=["onnxruntime", "none"], default="onnxruntime")
+    b.add_argument("--head", choices=["bf16", "int8", "f32"], help="lm_head option for the compiled model")
+    b.add_argument("--json", help="also write the results as JSON to this file")
+    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("synth", help="write a random ternary checkpoint in the Hugging Face layout",
                        description="Write a random BitNet checkpoint (packed weights, tokenizer of the right size). "

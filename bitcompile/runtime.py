@@ -98,6 +98,20 @@ class Engine:
         self._check_prompt(ids)
         return np.concatenate([self._vm["head"](h, self._params).numpy()[0] for h in self._prefill(ids)])
 
+    def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Start a sequence: logits of its last position (float32 [vocab]); `decode` continues it."""
+        ids = [int(t) for t in token_ids]
+        self._check_prompt(ids)
+        return self._vm["head_last"](self._prefill(ids)[-1], self._params).numpy()[0, -1]
+
+    def step(self, token: int) -> np.ndarray:
+        """Append one token to the sequence started by `prefill`; logits of the next position."""
+        if self._cache_len is None:
+            raise RuntimeError("step() continues a sequence: call prefill() first")
+        if self._cache_len + 1 > self.context_length:
+            raise PromptError(f"the context of {self.context_length} tokens is full")
+        return self._run("decode", [int(token)]).numpy()[0, -1]
+
     # -- text ----------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -122,8 +136,7 @@ class Engine:
     def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, stops: list[str]) -> Iterator[str]:
         if max_new_tokens == 0:
             return
-        hidden = self._prefill(ids)[-1]
-        logits = self._vm["head_last"](hidden, self._params).numpy()[0, -1]
+        logits = self.prefill(ids)
         generated: list[int] = []
         emitted = 0
         while True:
@@ -140,7 +153,7 @@ class Engine:
                 emitted = end
             if done:
                 break
-            logits = self._run("decode", [token]).numpy()[0, -1]
+            logits = self.step(token)
 
     def generate(self, prompt_or_ids: str | Sequence[int], **kwargs) -> str:
         """The generated text (without the prompt); same arguments as `stream`."""

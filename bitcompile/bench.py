@@ -1,0 +1,195 @@
+"""`bitcompile bench`: bitcompile against ONNX Runtime on the same model, same machine, one run.
+
+Each engine runs in its own subprocess (its own peak RSS, its own thread setting). Decode speed is
+related to this machine's measured read bandwidth: bytes each decoded token must read (weights +
+KV cache) x tokens/s = achieved GB/s, and its fraction of the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+BANDWIDTH_BYTES = 1 << 30
+
+
+def measure_bandwidth(threads: int, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s: `threads` threads summing disjoint parts of a 1 GiB array (numpy
+    releases the GIL in reductions)."""
+    data = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def prompt_ids(vocab_size: int, n: int) -> list[int]:
+    return np.random.default_rng(0).integers(0, min(vocab_size, 30000), n).tolist()
+
+
+def _time_engine(prefill, decode, vocab_size: int, prompt: int, gen: int) -> dict:
+    prefill(prompt_ids(vocab_size, 8))  # warm up: first calls allocate
+    decode(1)
+    ids = prompt_ids(vocab_size, prompt)
+    start = time.perf_counter()
+    logits = prefill(ids)
+    prefill_s = time.perf_counter() - start
+    token = int(np.argmax(logits))
+    ttft_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(gen):
+        token = int(np.argmax(decode(token)))
+    decode_s = time.perf_counter() - start
+    return {"prefill_tok_s": prompt / prefill_s, "ttft_s": ttft_s, "decode_tok_s": gen / decode_s}
+
+
+def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
+    """Runs inside the subprocess: load one engine, time it, report peak RSS."""
+    context = prompt + gen + 16
+    if engine == "bitcompile":
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
+        from .runtime import Engine
+
+        e = Engine(path, context_length=context)
+        result = _time_engine(e.prefill, e.step, e.config.vocab_size, prompt, gen)
+    else:
+        from .baseline_ort import OrtEngine
+
+        e = OrtEngine(path, threads=threads, context_length=context)
+        result = _time_engine(e.prefill, e.decode, e.vocab_size, prompt, gen)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry the parent's high-water mark across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_worker(engine: str, path: Path, threads: int, prompt: int, gen: int) -> dict:
+    cmd = [sys.executable, "-m", "bitcompile.bench", engine, str(path), str(threads), str(prompt), str(gen)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} benchmark failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kv_bytes_per_token(cfg, context: float, bytes_per_value: int = 4) -> float:
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value * context
+
+
+def bitcompile_weight_bytes(manifest: dict) -> int:
+    """Bytes of parameters a decoded token reads: all, except the embedding table when a separate
+    head exists (then only one embedding row is read)."""
+    params = manifest["params"]
+    separate_head = "lm_head.weight" in params
+    return sum(p["nbytes"] for name, p in params.items() if not (separate_head and name == "embed_tokens.weight"))
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    total = 0
+    for init in model.graph.initializer:
+        if init.name in gathered:
+            continue
+        location = {e.key: e.value for e in init.external_data}
+        total += int(location["length"]) if "length" in location else len(init.raw_data)
+    return total
+
+
+def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
+              json_out: Path | None, say=print) -> dict:
+    from .artifact import read_manifest
+    from .cli import artifact_for, cache_dir
+    from .config import ModelConfig
+
+    artifact = artifact_for(model, "host", head=head)
+    manifest = read_manifest(artifact)
+    cfg = ModelConfig.from_dict(manifest["model"])
+    mean_context = prompt + gen / 2
+    kv = kv_bytes_per_token(cfg, mean_context)
+    engines = [("bitcompile", artifact, bitcompile_weight_bytes(manifest) + kv,
+                {"head": manifest["weights"]["head"], "ternary_layout": manifest["weights"]["ternary_layout"]})]
+    if baseline == "onnxruntime":
+        onnx_path = _onnx_for(model, artifact, cache_dir(), say)
+        engines.append(("onnxruntime", onnx_path, onnx_weight_bytes(onnx_path) + kv,
+                        {"head": "int8 (MatMulNBits bits=8)", "ternary": "MatMulNBits bits=2 accuracy_level=4"}))
+    bandwidth = {n: measure_bandwidth(n) for n in threads}
+    runs = []
+    for n in threads:
+        for name, path, bytes_per_token, options in engines:
+            say(f"running {name} with {n} thread(s)...")
+            r = _run_worker(name, path, n, prompt, gen)
+            gbps = bytes_per_token * r["decode_tok_s"] / 1e9
+            runs.append({"engine": name, "threads": n, **r, "bytes_per_token": bytes_per_token, "gbps": gbps,
+                         "floor_fraction": gbps / bandwidth[n], "options": options})
+    report = {"bandwidth_gbps": max(bandwidth.values()), "bandwidth_by_threads": bandwidth,
+              "model": str(model), "prompt": prompt, "gen": gen, "runs": runs}
+    say(format_table(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _onnx_for(model: Path, artifact: Path, cache: Path, say) -> Path:
+    from .onnx_export import export_onnx
+
+    source = Path(read_source(artifact) if not (model / "config.json").is_file() else model)
+    out = cache / f"{artifact.name}.onnx" / "model.onnx"
+    if not out.is_file():
+        say(f"exporting {source} to ONNX (cached in {out.parent})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(source, out, head="int8")
+    return out
+
+
+def read_source(artifact: Path) -> str:
+    from .artifact import read_manifest
+
+    source = read_manifest(artifact).get("source")
+    if not source or not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(f"{artifact}: the checkpoint it was compiled from ({source}) is not available; "
+                                "pass the checkpoint directory to `bitcompile bench` to compare with ONNX Runtime")
+    return source
+
+
+def format_table(report: dict) -> str:
+    head = (f"{'engine':12s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} "
+            f"{'peak RSS MB':>11s} {'MB/token':>9s} {'GB/s':>6s} {'% floor':>7s}")
+    lines = [f"read bandwidth: " + ", ".join(f"{n} thread(s) {b:.1f} GB/s" for n, b in report["bandwidth_by_threads"].items()),
+             f"prompt {report['prompt']} tokens, {report['gen']} generated", head, "-" * len(head)]
+    for r in report["runs"]:
+        lines.append(f"{r['engine']:12s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} "
+                     f"{r['ttft_s']:7.3f} {r['peak_rss_mb']:11.0f} {r['bytes_per_token'] / 1e6:9.1f} "
+                     f"{r['gbps']:6.1f} {100 * r['floor_fraction']:6.1f}%")
+    by = {(r["engine"], r["threads"]): r for r in report["runs"]}
+    for n in sorted({r["threads"] for r in report["runs"]}):
+        if ("bitcompile", n) in by and ("onnxruntime", n) in by:
+            lines.append(f"{n} thread(s): decode {by['bitcompile', n]['decode_tok_s'] / by['onnxruntime', n]['decode_tok_s']:.2f}x, "
+                         f"prefill {by['bitcompile', n]['prefill_tok_s'] / by['onnxruntime', n]['prefill_tok_s']:.2f}x ONNX Runtime")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    engine, path, threads, prompt, gen = sys.argv[1:6]
+    print(json.dumps(worker(engine, path, int(threads), int(prompt), int(gen))))
