@@ -1,7 +1,11 @@
 """The output head (lm_head) options: how many bytes each decoded token reads for the logits.
 
   bf16  the checkpoint's table as is (exact; 2 bytes per weight). Tied models share it with the embedding.
-  int8  per-row absmax int8 + one f32 scale per row (1 byte per weight).
+  int8  per-row absmax int8 + one f32 scale per row (1 byte per weight); the head input is quantized
+        per token to int8 too, so the dot product is integer (vpdpbusd). Rows are stored blocked like
+        the ternary kernel layout: uint8 [V/16, H/4, 64], byte r*4 + kk of block (vb, hb) = q + 128 of
+        row vb*16 + r at input hb*4 + kk (the +128 makes them the unsigned operand; the kernel subtracts
+        128 * sum(x_q)). The vocabulary is padded to a multiple of 16 with zero rows.
   f32   widened table (4 bytes per weight; the accuracy reference, not for speed).
 
 The input embedding always stays bf16 (exact): one row is read per token, and the file is mapped,
@@ -38,19 +42,40 @@ def quantize_int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // 16) * 16
+
+
+def block_int8_rows(q: np.ndarray) -> np.ndarray:
+    """int8 [V, H] -> uint8 [Vp/16, H/4, 64] (q + 128), vocabulary zero-padded to a multiple of 16."""
+    v, h = q.shape
+    codes = np.full((padded_vocab(v), h), 128, dtype=np.uint8)
+    codes[:v] = (q.astype(np.int16) + 128).astype(np.uint8)
+    return np.ascontiguousarray(codes.reshape(-1, 16, h // 4, 4).transpose(0, 2, 1, 3).reshape(-1, h // 4, 64))
+
+
 def head_params(table_bf16: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     """The graph parameters of a separate lm_head module of this kind."""
     if kind == "int8":
         q, scale = quantize_int8_rows(table_bf16)
-        return {"lm_head.weight": q, "lm_head.scale": scale}
+        return {"lm_head.weight": block_int8_rows(q), "lm_head.scale": scale}
     if kind == "f32":
         return {"lm_head.weight": table_bf16.astype(np.float32)}
     return {"lm_head.weight": table_bf16.view(np.uint16)}
 
 
-def dequantized_head(table_bf16: np.ndarray, kind: str) -> np.ndarray:
-    """The f32 matrix the compiled head effectively multiplies by (for the reference model)."""
-    if kind == "int8":
-        q, scale = quantize_int8_rows(table_bf16)
-        return q.astype(np.float32) * scale[:, None]
-    return table_bf16.astype(np.float32)
+def reference_head(table_bf16: np.ndarray, kind: str):
+    """The head as the compiled model computes it, in numpy: hidden [S, H] -> logits [S, V]."""
+    if kind != "int8":
+        table = table_bf16.astype(np.float32)
+        return lambda hidden: hidden @ table.T
+    from .reference import quantize_activations
+
+    q, scale = quantize_int8_rows(table_bf16)
+    q32 = q.astype(np.int32)
+
+    def head(hidden):
+        xq, s = quantize_activations(hidden)
+        return (xq @ q32.T).astype(np.float32) / s * scale
+
+    return head

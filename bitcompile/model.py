@@ -18,7 +18,14 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from . import ternary_ops
 from .attention_cpu import use_fast_cpu_attention
 from .config import ModelConfig
+from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
+
+
+def quantize(x: Tensor):
+    """Per-token absmax int8: (x_q, 127 / max|x|, sum(x_q))."""
+    return op.tensor_expr_op(ternary_ops.quantize_activations, "quantize_activations", [x],
+                             attrs=ternary_ops.op_attrs("quantize_activations"))
 
 
 class TernaryLinear(nn.Module):
@@ -31,9 +38,7 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         *lead, k = x.shape
-        x2 = op.reshape(x, (-1, k))
-        xq, scale, xsum = op.tensor_expr_op(ternary_ops.quantize_activations, "quantize_activations", [x2],
-                                            attrs=ternary_ops.op_attrs("quantize_activations"))
+        xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
         y = op.tensor_expr_op(ternary_ops.ternary_matmul, "ternary_matmul",
                               [xq, scale, xsum, self.weight, self.multiplier],
                               attrs=ternary_ops.op_attrs("ternary_matmul"))
@@ -65,19 +70,23 @@ class LMHead(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, kind: str):
         self.kind = kind
-        dtype = {"int8": "int8", "bf16": "uint16", "f32": "float32"}[kind]
-        self.weight = nn.Parameter((vocab_size, hidden_size), dtype)
         if kind == "int8":
+            self.weight = nn.Parameter((padded_vocab(vocab_size) // 16, hidden_size // 4, 64), "uint8")
             self.scale = nn.Parameter((vocab_size,), "float32")
+        else:
+            self.weight = nn.Parameter((vocab_size, hidden_size), "uint16" if kind == "bf16" else "float32")
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, h = x.shape
         x2 = op.reshape(x, (-1, h))
         if self.kind == "int8":
-            fn, args = ternary_ops.lm_head_int8, [x2, self.weight, self.scale]
+            xq, scale, xsum = quantize(x2)
+            logits = op.tensor_expr_op(ternary_ops.lm_head_int8, "lm_head_int8",
+                                       [xq, scale, xsum, self.weight, self.scale],
+                                       attrs=ternary_ops.op_attrs("lm_head_int8"))
         else:
-            fn, args = (ternary_ops.lm_head_bf16 if self.kind == "bf16" else ternary_ops.lm_head_f32), [x2, self.weight]
-        logits = op.tensor_expr_op(fn, "lm_head", args, attrs=ternary_ops.op_attrs("lm_head"))
+            fn = ternary_ops.lm_head_bf16 if self.kind == "bf16" else ternary_ops.lm_head_f32
+            logits = op.tensor_expr_op(fn, "lm_head", [x2, self.weight], attrs=ternary_ops.op_attrs("lm_head"))
         return op.reshape(logits, (b, s, -1))
 
 

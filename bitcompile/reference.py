@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .head import dequantized_head
+from .head import reference_head
 
 F32 = np.float32
 
@@ -62,7 +62,7 @@ class ReferenceModel:
         """`head`: the lm_head option the compiled model uses (head.py); "bf16" is the checkpoint's own."""
         self.cfg = ckpt.config
         self.embed = ckpt.embed.astype(F32)
-        self.head = dequantized_head(ckpt.head, head)
+        self.head = reference_head(ckpt.head, head)
         self.final_norm = ckpt.final_norm
         self.layers = [
             (layer, {name: (w.ternary(), w.multiplier) for name, w in layer.linears.items()})
@@ -86,7 +86,7 @@ class ReferenceModel:
             g = np.maximum(bitlinear(x, *lin["gate_proj"]), 0)
             f = g * g * bitlinear(x, *lin["up_proj"])
             h = h + bitlinear(rms_norm(f, layer.ffn_sub_norm, cfg.rms_norm_eps), *lin["down_proj"])
-        return rms_norm(h, self.final_norm, cfg.rms_norm_eps) @ self.head.T
+        return self.head(rms_norm(h, self.final_norm, cfg.rms_norm_eps))
 
     def greedy(self, ids, steps: int) -> list[int]:
         ids = list(ids)

@@ -117,6 +117,22 @@ class RMSNormRule(ScheduleRule):
         return sch
 
 
+def schedule_lm_head_int8(sch: s_tir.Schedule):
+    """Portable int8 head: 16-row blocks in parallel, the 16 rows vectorized."""
+    acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
+    i, v, h = sch.get_loops(acc)
+    vo, vi = sch.split(v, factors=[None, 16])
+    sch.reorder(vo, i, h, vi)
+    sch.parallel(vo)
+    sch.vectorize(vi)
+    init = sch.decompose_reduction(acc, h)
+    sch.vectorize(sch.get_loops(init)[-1])
+    oi, ov = sch.get_loops(out)
+    ovo, ovi = sch.split(ov, factors=[None, 16])
+    sch.parallel(ovo)
+    sch.vectorize(ovi)
+
+
 def ternary_matmul_rule(target):
     """The best ternary matmul schedule this target supports."""
     from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
@@ -135,7 +151,13 @@ class TernaryRules(ScheduleRule):
 
     def apply(self, func, target, tunable):
         name = _op_name(func) if isinstance(func, tirx.PrimFunc) else None
-        rule = ternary_matmul_rule(target) if name == "ternary_matmul" else self.rules.get(name)
+        rule = self.rules.get(name)
+        if name == "ternary_matmul":
+            rule = ternary_matmul_rule(target)
+        elif name == "lm_head_int8":
+            from .schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
+
+            rule = schedule_lm_head_int8_vnni if has_vnni(target) else schedule_lm_head_int8
         if rule is None:
             return None
         sch = s_tir.Schedule(func)

@@ -75,11 +75,23 @@ def has_vnni(target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target))
 
 
+def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
+    """Independent accumulators per task: the largest of preferred, /2, … that divides the 16-row blocks
+    (a remainder would put a predicate on the tensorized block)."""
+    blocks = int(sch.get(loop).extent) // 16
+    g = preferred
+    while blocks % g:
+        g //= 2
+    return g
+
+
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI."""
+    acc = sch.get_sblock("acc")
+    row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], row_blocks)
     if _has_block(sch, "x_pad"):
         return _schedule_prefill(sch, row_blocks)
-    acc, y, codes = sch.get_sblock("acc"), sch.get_sblock("y"), sch.get_sblock("codes")
+    y, codes = sch.get_sblock("y"), sch.get_sblock("codes")
     i, n, k = sch.get_loops(acc)
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
     kb, j, kk = sch.split(k, factors=[None, 4, 4])
@@ -126,6 +138,31 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
     yi, yn = sch.get_loops(y)
     sch.parallel(yi)
     sch.vectorize(sch.split(yn, factors=[None, 16])[1])
+
+
+def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+    """The int8 head: the ternary loop nest without unpacking (each 64-byte block already holds
+    16 rows x 4 inputs of unsigned codes)."""
+    acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
+    i, v, h = sch.get_loops(acc)
+    row_blocks = row_blocks_for(sch, v, row_blocks)
+    vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
+    hb, kk = sch.split(h, factors=[None, 4])
+    sch.reorder(vbo, i, hb, vbi, r, kk)
+    sch.parallel(vbo)
+    writeback = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(writeback, i)
+    block = sch.cache_read(acc, 0, "local")  # the 64-byte weight block, as the intrinsic's local operand
+    sch.compute_at(block, vbi)
+    sch.vectorize(sch.get_loops(block)[-1])
+    sch.decompose_reduction(acc, hb)
+    sch.tensorize(r, VNNI_16x4)
+    sch.unroll(vbi)
+    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+    oi, ov = sch.get_loops(out)
+    ovo, ovi = sch.split(ov, factors=[None, 16])
+    sch.parallel(ovo)
+    sch.vectorize(ovi)
 
 
 def _has_block(sch: s_tir.Schedule, name: str) -> bool:

@@ -98,7 +98,21 @@ def lm_head_f32(x: te.Tensor, table: te.Tensor):
     return _head_matvec(x, table.shape[0], lambda j, h: table[j, h])
 
 
-def lm_head_int8(x: te.Tensor, q: te.Tensor, row_scale: te.Tensor):
-    """logits = row_scale[v] * sum_h x[h] * q[v, h]: int8 rows widened to f32 in registers."""
-    acc = _head_matvec(x, q.shape[0], lambda j, h: q[j, h].astype("float32"))
-    return te.compute(acc.shape, lambda i, j: acc[i, j] * row_scale[j], name="head_scale")
+def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, row_scale: te.Tensor):
+    """Integer head: logits = (sum_h (q + 128) x_q - 128 sum(x_q)) / s * row_scale.
+
+    w: uint8 [Vp/16, H/4, 64] (head.py layout), row_scale: f32 [V] (V <= Vp)."""
+    m, h = xq.shape
+    vocab = row_scale.shape[0]
+    rh = te.reduce_axis((0, h), name="h")
+    acc = te.compute(
+        (m, w.shape[0] * 16),
+        lambda i, v: te.sum(w[v // 16, rh // 4, v % 16 * 4 + rh % 4].astype("int32") * xq[i, rh].astype("int32"),
+                            axis=rh),
+        name="head_acc",
+    )
+    return te.compute(
+        (m, vocab),
+        lambda i, v: (acc[i, v] - xsum[i] * 128).astype("float32") / scale[i] * row_scale[v],
+        name="head_out",
+    )

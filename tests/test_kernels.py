@@ -93,18 +93,24 @@ def test_vnni_ternary_matmul_is_exact(m, n, k):
     np.testing.assert_array_equal(y, exact.astype(np.float32))
 
 
-def test_int8_lm_head():
-    from bitcompile.head import quantize_int8_rows
-    rng = np.random.default_rng(9)
-    m, v, h = 2, 96, 64
-    table = rng.standard_normal((v, h)).astype(np.float32)
-    q, scale = quantize_int8_rows(table)
-    assert np.abs(q.astype(np.float32) * scale[:, None] - table).max() <= scale.max() / 2 + 1e-6
-    x_t, q_t, s_t = te.placeholder((m, h), "float32"), te.placeholder((v, h), "int8"), te.placeholder((v,), "float32")
-    lib = build([x_t, q_t, s_t, ternary_ops.lm_head_int8(x_t, q_t, s_t)], schedule.schedule_lm_head)
-    x = rng.standard_normal((m, h)).astype(np.float32)
-    *_, logits = run(lib, x, q, scale, np.zeros((m, v), np.float32))
-    np.testing.assert_allclose(logits, (x @ q.astype(np.float32).T) * scale, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (3, 64)])
+def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
+    from bitcompile.head import block_int8_rows, padded_vocab, quantize_int8_rows
+    from bitcompile.schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(v + m)
+    h = 64
+    q, scale = quantize_int8_rows(rng.standard_normal((v, h)).astype(np.float32))
+    xq_t, s_t, sum_t = te.placeholder((m, h), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
+    w_t, rs_t = te.placeholder((padded_vocab(v) // 16, h // 4, 64), "uint8"), te.placeholder((v,), "float32")
+    lib = build([xq_t, s_t, sum_t, w_t, rs_t, ternary_ops.lm_head_int8(xq_t, s_t, sum_t, w_t, rs_t)],
+                schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8)
+    xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
+    *_, logits = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), block_int8_rows(q),
+                     np.ones(v, np.float32), np.zeros((m, v), np.float32))
+    np.testing.assert_array_equal(logits, (xq.astype(np.int64) @ q.astype(np.int64).T).astype(np.float32))
 
 
 @pytest.mark.parametrize("vnni", [False, True])
