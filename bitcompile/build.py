@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; choose another --output or pass --force to replace it")
     started = time.time()
-    say = tqdm.write if progress else (lambda *_: None)
+    say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda *_: None)
 
     with atomic_directory(output, overwrite=overwrite) as tmp:
         from .config import load_config
