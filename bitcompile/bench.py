@@ -20,18 +20,19 @@ import numpy as np
 BANDWIDTH_BYTES = 1 << 30
 
 
-def measure_bandwidth(threads: int, repeats: int = 3) -> float:
+def measure_bandwidth(threads: int, repeats: int = 5) -> float:
     """Read bandwidth in GB/s: `threads` threads summing disjoint parts of a 1 GiB array (numpy
-    releases the GIL in reductions)."""
+    releases the GIL in reductions); the median of `repeats` passes (a shared machine has outliers
+    both ways)."""
     data = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
     parts = np.array_split(data, threads)
-    best = 0.0
+    rates = []
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             start = time.perf_counter()
             list(pool.map(np.sum, parts))
-            best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
-    return best
+            rates.append(data.nbytes / (time.perf_counter() - start) / 1e9)
+    return float(np.median(rates))
 
 
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
