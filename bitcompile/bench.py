@@ -127,8 +127,14 @@ def onnx_weight_bytes(path: Path) -> int:
     return total
 
 
+def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, repeat: int) -> dict:
+    """Run the worker `repeat` times; each figure is the median (a shared 2-core machine is noisy)."""
+    runs = [_run_worker(engine, path, threads, prompt, gen) for _ in range(repeat)]
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+
+
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
-              json_out: Path | None, say=print) -> dict:
+              json_out: Path | None, repeat: int = 3, say=print) -> dict:
     from .artifact import read_manifest
     from .cli import artifact_for, cache_dir
     from .config import ModelConfig
@@ -149,12 +155,12 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     for n in threads:
         for name, path, bytes_per_token, options in engines:
             say(f"running {name} with {n} thread(s)...")
-            r = _run_worker(name, path, n, prompt, gen)
+            r = _median_run(name, path, n, prompt, gen, repeat)
             gbps = bytes_per_token * r["decode_tok_s"] / 1e9
             runs.append({"engine": name, "threads": n, **r, "bytes_per_token": bytes_per_token, "gbps": gbps,
                          "floor_fraction": gbps / bandwidth[n], "options": options})
     report = {"bandwidth_gbps": max(bandwidth.values()), "bandwidth_by_threads": bandwidth,
-              "model": str(model), "prompt": prompt, "gen": gen, "runs": runs}
+              "model": str(model), "prompt": prompt, "gen": gen, "repeat": repeat, "runs": runs}
     say(format_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -187,7 +193,8 @@ def format_table(report: dict) -> str:
     head = (f"{'engine':12s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} "
             f"{'peak RSS MB':>11s} {'MB/token':>9s} {'GB/s':>6s} {'% floor':>7s}")
     lines = [f"read bandwidth: " + ", ".join(f"{n} thread(s) {b:.1f} GB/s" for n, b in report["bandwidth_by_threads"].items()),
-             f"prompt {report['prompt']} tokens, {report['gen']} generated", head, "-" * len(head)]
+             f"prompt {report['prompt']} tokens, {report['gen']} generated, median of {report['repeat']} runs per row",
+             head, "-" * len(head)]
     for r in report["runs"]:
         lines.append(f"{r['engine']:12s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} "
                      f"{r['ttft_s']:7.3f} {r['peak_rss_mb']:11.0f} {r['bytes_per_token'] / 1e6:9.1f} "

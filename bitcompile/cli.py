@@ -95,11 +95,11 @@ def cmd_bench(args):
     from .bench import run_bench
 
     threads = [int(t) for t in args.threads.split(",")]
-    if any(t < 1 for t in threads) or args.prompt < 1 or args.gen < 1:
-        raise ValueError("--threads, --prompt and --gen must be positive")
+    if any(t < 1 for t in threads) or args.prompt < 1 or args.gen < 1 or args.repeat < 1:
+        raise ValueError("--threads, --prompt, --gen and --repeat must be positive")
     source = Path(args.model) if args.model else shipped_model()
     baseline = None if args.baseline == "none" else args.baseline
-    run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json)
+    run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json, repeat=args.repeat)
 
 
 def cmd_synth(args):
@@ -205,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("--baseline", choices=["onnxruntime", "none"], default="onnxruntime")
     b.add_argument("--head", choices=["bf16", "int8", "f32"], help="lm_head option for the compiled model")
+    b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count; the median is "
+                                                         "reported (default 3)")
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=cmd_bench)
 

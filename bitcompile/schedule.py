@@ -23,13 +23,30 @@ def _extent(sch: s_tir.Schedule, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
+    """rfactor the last axis of a reduction into `lanes` partial results (one vector), so it runs as
+    a vector loop instead of a scalar dependency chain; returns the partials' block."""
+    block = sch.get_sblock(name)
+    _, lane = sch.split(sch.get_loops(block)[-1], factors=[None, lanes])
+    return sch.rfactor(lane, 1)
+
+
 def schedule_quantize_activations(sch: s_tir.Schedule):
-    """One parallel loop over tokens; each token's absmax, scale, int8 values and sum stay in cache."""
-    token = sch.get_loops(sch.get_sblock("amax"))[0]
-    for name in ("act_scale", "x_q", "x_sum"):
+    """Per token: absmax, scale and int8 values in one pass, the sum in a second over the cached
+    int8 row; both reductions in 16 vector lanes. Tokens in parallel when there are many (for one
+    decode token a parallel launch costs more than the work)."""
+    amax_partials, sum_partials = _lane_partials(sch, "amax"), _lane_partials(sch, "x_sum")
+    token = sch.get_loops(amax_partials)[0]
+    for name in ("amax", "act_scale", "x_q"):
         sch.reverse_compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
     sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("x_q"))[-1], factors=[None, 16])[1])
-    sch.parallel(token)
+    if _extent(sch, token) != 1:
+        for loop in (token, sch.get_loops(sum_partials)[0], sch.get_loops(sch.get_sblock("x_sum"))[0]):
+            sch.parallel(loop)
+    for partials in (amax_partials, sum_partials):
+        _, k, lane = sch.get_loops(partials)[-3:]
+        sch.vectorize(lane)
+        sch.decompose_reduction(partials, k)
 
 
 def schedule_ternary_matmul(sch: s_tir.Schedule):
@@ -75,7 +92,8 @@ def schedule_embedding(sch: s_tir.Schedule):
 
 
 def schedule_rms_norm(sch: s_tir.Schedule):
-    """RMSNorm as legalized by TOPI: one (parallel) loop over rows, each row reduced once.
+    """RMSNorm as legalized by TOPI: each row's sum of squares once, in 16 vector lanes, then the
+    normalization vectorized; rows in parallel when there are several.
 
     dlight's CPU Reduction rule parallelizes the hidden axis for a single row and recomputes the
     whole sum of squares per element (O(hidden^2)); this rule keeps it O(hidden)."""
@@ -85,12 +103,17 @@ def schedule_rms_norm(sch: s_tir.Schedule):
     consumers = sch.get_consumers(out)
     if consumers:
         sch.reverse_compute_inline(consumers[0])
+    partials = _lane_partials(sch, "T_multiply_red")
+    *p_rows, p_k, p_lane = sch.get_loops(partials)
     *rows, h = sch.get_loops(out)
     row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-    for name in ("rsqrt", "T_multiply_red"):
-        sch.compute_at(sch.get_sblock(name), row, preserve_unit_loops=True)
-    sch.parallel(row)
+    sch.compute_at(sch.get_sblock("rsqrt"), row, preserve_unit_loops=True)
+    if _extent(sch, row) != 1:
+        sch.parallel(row)
+        sch.parallel(sch.fuse(*p_rows) if len(p_rows) > 1 else p_rows[0])
     sch.vectorize(sch.split(h, factors=[None, 16])[1])
+    sch.vectorize(p_lane)
+    sch.decompose_reduction(partials, p_k)
 
 
 def _has_blocks(sch: s_tir.Schedule, *names: str) -> bool:

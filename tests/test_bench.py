@@ -10,7 +10,7 @@ from bitcompile.config import load_config
 def test_bench_reports_both_engines(checkpoints, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BITCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
-    main(["bench", str(checkpoints["autobitlinear"]), "--threads", "1", "--prompt", "16", "--gen", "8",
+    main(["bench", str(checkpoints["autobitlinear"]), "--threads", "1", "--prompt", "16", "--gen", "8", "--repeat", "1",
           "--json", str(out)])
     report = json.loads(out.read_text())
     assert report["bandwidth_gbps"] > 1
