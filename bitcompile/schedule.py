@@ -77,8 +77,6 @@ def schedule_lm_head(sch: s_tir.Schedule):
     rf = sch.rfactor(hi, 2)
     j, i, ho, hi = sch.get_loops(rf)
     sch.reverse_compute_at(blk, i)
-    if _has_blocks(sch, "head_scale"):
-        sch.reverse_compute_at(sch.get_sblock("head_scale"), i)
     sch.parallel(j)
     sch.vectorize(hi)
     sch.decompose_reduction(rf, ho)

@@ -22,6 +22,8 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from .schedule import _has_blocks
+
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
 
@@ -95,7 +97,7 @@ PREFILL_ROW_BLOCKS = 2
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = None):
     """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI."""
     acc = sch.get_sblock("acc")
-    prefill = _has_block(sch, "x_pad")
+    prefill = _has_blocks(sch, "x_pad")
     preferred = row_blocks or (PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS)
     row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
     if prefill:
@@ -172,11 +174,3 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     ovo, ovi = sch.split(ov, factors=[None, 16])
     sch.parallel(ovo)
     sch.vectorize(ovi)
-
-
-def _has_block(sch: s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # unknown block name
-        return False

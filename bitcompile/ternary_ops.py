@@ -4,7 +4,7 @@ quantize_activations: x f32 [M, K] -> x_q int8 [M, K], s f32 [M] (127 / max|x|),
 ternary_matmul:      (x_q, s, sum, W packed b16x16 [N/16, K/16, 64], multiplier f32 [N]) -> y f32 [M, N]
                      y = (sum_k code * x_q - sum(x_q)) / s * multiplier, code = t + 1 in {0, 1, 2}
 bf16 table ops:      embedding lookup and the tied lm_head on a bf16 table kept as uint16 bits.
-lm_head variants:    f32, bf16, int8 rows with a per-row scale (see head.py for the options).
+lm_head variants:    f32 and bf16 tables (float), int8 rows x int8 activations (integer); see head.py.
 
 Every function carries the attribute `bitcompile.op` so schedule rules find it by name, and
 op_pattern = opaque so operator fusion leaves its block structure alone.
