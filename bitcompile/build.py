@@ -81,6 +81,8 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         with tqdm(total=layers, desc="load checkpoint", unit="layer", disable=not progress) as bar:
             ckpt = load_checkpoint(model_dir, progress=bar.update)
         head = head or default_head(ckpt.config.vocab_size)
+        if head == "q4" and ckpt.config.hidden_size % 32:
+            raise ValueError(f"--head q4 needs hidden_size divisible by 32 (got {ckpt.config.hidden_size}); use int8")
         target_obj, mod, param_order = build_graph(ckpt, spec, head)
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
             executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj))

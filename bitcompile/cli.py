@@ -170,9 +170,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="checkpoint directory")
     c.add_argument("--target", "-t", default="host", help="target preset (see `bitcompile targets`; default: host)")
     c.add_argument("--output", "-o", help="artifact directory to write (default: MODEL-TARGET.bitc)")
-    c.add_argument("--head", choices=["bf16", "int8", "f32"],
-                   help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), f32; "
-                        "default int8 for vocabularies >= 32000, else bf16")
+    c.add_argument("--head", choices=["bf16", "int8", "q4", "f32"],
+                   help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), "
+                        "q4 (4-bit, a scale per 32 inputs, a quarter), f32; default int8 for vocabularies "
+                        ">= 32000, else bf16")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.set_defaults(func=cmd_compile)
 
@@ -204,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     b.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("--baseline", choices=["onnxruntime", "none"], default="onnxruntime")
-    b.add_argument("--head", choices=["bf16", "int8", "f32"], help="lm_head option for the compiled model")
+    b.add_argument("--head", choices=["bf16", "int8", "q4", "f32"], help="lm_head option for the compiled model")
     b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count; the median is "
                                                          "reported (default 3)")
     b.add_argument("--json", help="also write the results as JSON to this file")

@@ -6,6 +6,7 @@
         the ternary kernel layout: uint8 [V/16, H/4, 64], byte r*4 + kk of block (vb, hb) = q + 128 of
         row vb*16 + r at input hb*4 + kk (the +128 makes them the unsigned operand; the kernel subtracts
         128 * sum(x_q)). The vocabulary is padded to a multiple of 16 with zero rows.
+  q4    4-bit, one f16 scale per 32 inputs of a row (0.53 bytes per weight), integer per group.
   f32   widened table (4 bytes per weight; the accuracy reference, not for speed).
 
 The input embedding always stays bf16 (exact): one row is read per token, and the file is mapped,
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-HEAD_KINDS = ("bf16", "int8", "f32")
+HEAD_KINDS = ("bf16", "int8", "q4", "f32")
 ROW_CHUNK = 8192  # quantize in row chunks: the f32 copy of a 2B-shape table would be 1.3 GB
 
 
@@ -54,11 +55,41 @@ def block_int8_rows(q: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(codes.reshape(-1, 16, h // 4, 4).transpose(0, 2, 1, 3).reshape(-1, h // 4, 64))
 
 
+def quantize_q4_groups(table: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit per group of `group` inputs: scale = max|w| / 7 (stored f16), q in [-7, 7]."""
+    v, h = table.shape
+    q = np.empty((v, h), dtype=np.int8)
+    scale = np.empty((v, h // group), dtype=np.float16)
+    for start in range(0, v, ROW_CHUNK):
+        rows = table[start : start + ROW_CHUNK].astype(np.float32).reshape(-1, h // group, group)
+        s = (np.maximum(np.abs(rows).max(axis=2), np.float32(1e-30)) / np.float32(7)).astype(np.float16)
+        q[start : start + ROW_CHUNK] = np.clip(np.rint(rows / s.astype(np.float32)[..., None]), -7, 7).reshape(-1, h)
+        scale[start : start + ROW_CHUNK] = s
+    return q, scale
+
+
+def block_q4(q: np.ndarray, scale: np.ndarray, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """-> codes uint8 [Vp/16, H/8, 64] (byte r*4+kk of block (vb, hb): row vb*16+r, low nibble input
+    hb*8+kk, high nibble hb*8+4+kk; code = q + 8) and scales f16 [Vp/16, H/group, 16]; rows padded."""
+    v, h = q.shape
+    vp = padded_vocab(v)
+    codes = np.full((vp, h), 8, dtype=np.uint8)
+    codes[:v] = (q.astype(np.int16) + 8).astype(np.uint8)
+    c = codes.reshape(vp // 16, 16, h // 8, 2, 4).transpose(0, 2, 1, 4, 3)  # [vb, hb, r, kk, plane]
+    packed = (c[..., 0] | c[..., 1] << 4).reshape(vp // 16, h // 8, 64)
+    s = np.zeros((vp, h // group), dtype=np.float16)
+    s[:v] = scale
+    return np.ascontiguousarray(packed), np.ascontiguousarray(s.reshape(vp // 16, 16, -1).transpose(0, 2, 1))
+
+
 def head_params(table_bf16: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     """The graph parameters of a separate lm_head module of this kind."""
     if kind == "int8":
         q, scale = quantize_int8_rows(table_bf16)
         return {"lm_head.weight": block_int8_rows(q), "lm_head.scale": scale}
+    if kind == "q4":
+        codes, scales = block_q4(*quantize_q4_groups(table_bf16))
+        return {"lm_head.weight": codes, "lm_head.scale": scales}
     if kind == "f32":
         return {"lm_head.weight": table_bf16.astype(np.float32)}
     return {"lm_head.weight": table_bf16.view(np.uint16)}
@@ -66,10 +97,23 @@ def head_params(table_bf16: np.ndarray, kind: str) -> dict[str, np.ndarray]:
 
 def reference_head(table_bf16: np.ndarray, kind: str):
     """The head as the compiled model computes it, in numpy: hidden [S, H] -> logits [S, V]."""
+    from .reference import quantize_activations
+
+    if kind == "q4":
+        q, gscale = quantize_q4_groups(table_bf16)
+        v, h = q.shape
+        qg = q.reshape(v, h // 32, 32).astype(np.int32)
+        gs = gscale.astype(np.float32)
+
+        def head_q4(hidden):
+            xq, s = quantize_activations(hidden)
+            per_group = np.einsum("vgt,sgt->svg", qg, xq.reshape(len(xq), h // 32, 32))  # exact ints
+            return (per_group.astype(np.float32) * gs[None]).sum(axis=2, dtype=np.float32) / s
+
+        return head_q4
     if kind != "int8":
         table = table_bf16.astype(np.float32)
         return lambda hidden: hidden @ table.T
-    from .reference import quantize_activations
 
     q, scale = quantize_int8_rows(table_bf16)
     q32 = q.astype(np.int32)

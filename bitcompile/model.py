@@ -70,9 +70,13 @@ class LMHead(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, kind: str):
         self.kind = kind
+        self.vocab_size = vocab_size
         if kind == "int8":
             self.weight = nn.Parameter((padded_vocab(vocab_size) // 16, hidden_size // 4, 64), "uint8")
             self.scale = nn.Parameter((vocab_size,), "float32")
+        elif kind == "q4":
+            self.weight = nn.Parameter((padded_vocab(vocab_size) // 16, hidden_size // 8, 64), "uint8")
+            self.scale = nn.Parameter((padded_vocab(vocab_size) // 16, hidden_size // 32, 16), "float16")
         else:
             self.weight = nn.Parameter((vocab_size, hidden_size), "uint16" if kind == "bf16" else "float32")
 
@@ -84,6 +88,11 @@ class LMHead(nn.Module):
             logits = op.tensor_expr_op(ternary_ops.lm_head_int8, "lm_head_int8",
                                        [xq, scale, xsum, self.weight, self.scale],
                                        attrs=ternary_ops.op_attrs("lm_head_int8"))
+        elif self.kind == "q4":
+            xq, scale, _ = quantize(x2)
+            logits = op.tensor_expr_op(ternary_ops.lm_head_q4, "lm_head_q4",
+                                       [xq, scale, self.weight, self.scale, self.vocab_size],
+                                       attrs=ternary_ops.op_attrs("lm_head_q4"))
         else:
             fn = ternary_ops.lm_head_bf16 if self.kind == "bf16" else ternary_ops.lm_head_f32
             logits = op.tensor_expr_op(fn, "lm_head", [x2, self.weight], attrs=ternary_ops.op_attrs("lm_head"))

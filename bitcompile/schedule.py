@@ -154,6 +154,26 @@ def schedule_lm_head_int8(sch: s_tir.Schedule):
     sch.vectorize(ovi)
 
 
+def schedule_lm_head_q4(sch: s_tir.Schedule):
+    """Portable 4-bit head: 16-row blocks in parallel; per group, the 32-input integer sum vectorized
+    over the 16 rows, then scaled into float accumulators."""
+    sch.compute_inline(sch.get_sblock("codes"))
+    total, acc, out = sch.get_sblock("head_total"), sch.get_sblock("group_acc"), sch.get_sblock("head_out")
+    i, v, g = sch.get_loops(total)
+    vb, r = sch.split(v, factors=[None, 16])
+    sch.reorder(vb, i, g, r)
+    sch.parallel(vb)
+    sch.compute_at(acc, g, preserve_unit_loops=True)
+    *_, ar, at = sch.get_loops(acc)
+    sch.reorder(at, ar)
+    sch.vectorize(ar)
+    sch.decompose_reduction(acc, at)
+    sch.vectorize(r)
+    sch.decompose_reduction(total, g)
+    oi, ov = sch.get_loops(out)
+    sch.parallel(sch.split(ov, factors=[None, 16])[0])
+
+
 def ternary_matmul_rule(target):
     """The best ternary matmul schedule this target supports."""
     from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
@@ -179,6 +199,10 @@ class TernaryRules(ScheduleRule):
             from .schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
 
             rule = schedule_lm_head_int8_vnni if has_vnni(target) else schedule_lm_head_int8
+        elif name == "lm_head_q4":
+            from .schedule_x86 import has_vnni, schedule_lm_head_q4_vnni
+
+            rule = schedule_lm_head_q4_vnni if has_vnni(target) else schedule_lm_head_q4
         if rule is None:
             return None
         sch = s_tir.Schedule(func)

@@ -174,3 +174,37 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     ovo, ovi = sch.split(ov, factors=[None, 16])
     sch.parallel(ovo)
     sch.vectorize(ovi)
+
+
+def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+    """4-bit head: per (16-row block, group of 32 inputs) an int32x16 accumulator from 8 vpdpbusd
+    (4 blocks of 8 inputs x 2 nibble planes), then one convert + multiply-add by the group scales
+    into float accumulators (row_blocks x 16 lanes) that stay in registers."""
+    total, acc, codes, out = (sch.get_sblock(b) for b in ("head_total", "group_acc", "codes", "head_out"))
+    i, v, g = sch.get_loops(total)
+    row_blocks = row_blocks_for(sch, v, row_blocks)
+    vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
+    sch.reorder(vbo, i, g, vbi, r)
+    sch.parallel(vbo)
+    writeback = sch.cache_write(total, 0, "local")
+    sch.reverse_compute_at(writeback, i)
+    sch.compute_at(acc, vbi, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    *_, ar, at = sch.get_loops(acc)
+    tb, j, kk = sch.split(at, factors=[None, 2, 4])
+    sch.reorder(tb, j, ar, kk)
+    sch.compute_at(codes, j)
+    sch.set_scope(codes, 0, "local")
+    sch.vectorize(sch.get_loops(codes)[-1])
+    sch.decompose_reduction(acc, tb)
+    sch.tensorize(ar, VNNI_16x4)
+    sch.unroll(j)
+    sch.unroll(tb)
+    sch.vectorize(r)
+    sch.decompose_reduction(total, g)
+    sch.unroll(vbi)
+    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+    oi, ov = sch.get_loops(out)
+    ovo, ovi = sch.split(ov, factors=[None, 16])
+    sch.parallel(ovo)
+    sch.vectorize(ovi)

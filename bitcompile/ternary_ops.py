@@ -116,3 +116,38 @@ def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor,
         lambda i, v: (acc[i, v] - xsum[i] * 128).astype("float32") / scale[i] * row_scale[v],
         name="head_out",
     )
+
+
+Q4_GROUP = 32  # inputs per scale in the 4-bit head
+
+
+def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Tensor, vocab: int):
+    """4-bit head, groups of 32 inputs per scale: logits = sum_g gs[v, g] * sum_t (code - 8) x_q / s.
+
+    w: uint8 [Vp/16, H/8, 64] (head.py q4 layout: two nibble planes of 16 rows x 4 inputs),
+    group_scale: f16 [Vp/16, H/32, 16]."""
+    m, h = xq.shape
+    groups = h // Q4_GROUP
+    vp = w.shape[0] * 16
+    codes = te.compute((w.shape[0], w.shape[1], 2, 64),
+                       lambda vb, hb, j, b: (w[vb, hb, b] >> (j * 4).astype("uint8")) & tirx.const(15, "uint8"),
+                       name="codes")
+    rt = te.reduce_axis((0, Q4_GROUP), name="t")
+    acc = te.compute(  # [token, group, row]: a row block's 16 accumulators are contiguous
+        (m, groups, vp),
+        lambda i, g, v: te.sum(
+            codes[v // 16, (g * Q4_GROUP + rt) // 8, rt % 8 // 4, v % 16 * 4 + rt % 4].astype("int32")
+            * xq[i, g * Q4_GROUP + rt].astype("int32"), axis=rt),
+        name="group_acc",
+    )
+    rs = te.reduce_axis((0, Q4_GROUP), name="ts")
+    gsum = te.compute((m, groups), lambda i, g: te.sum(xq[i, g * Q4_GROUP + rs].astype("int32"), axis=rs),
+                      name="group_sum")
+    rg = te.reduce_axis((0, groups), name="g")
+    total = te.compute(
+        (m, vp),
+        lambda i, v: te.sum((acc[i, rg, v] - gsum[i, rg] * 8).astype("float32")
+                            * group_scale[v // 16, rg, v % 16].astype("float32"), axis=rg),
+        name="head_total",
+    )
+    return te.compute((m, vocab), lambda i, v: total[i, v] / scale[i], name="head_out")

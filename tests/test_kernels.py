@@ -132,3 +132,25 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
     *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
                 np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, (xq.astype(np.int64) @ t.astype(np.int64).T).astype(np.float32))
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64)])
+def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
+    from bitcompile.head import block_q4, padded_vocab, quantize_q4_groups
+    from bitcompile.schedule_x86 import has_vnni, schedule_lm_head_q4_vnni
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(v + m)
+    h = 128
+    q, gscale = quantize_q4_groups(rng.standard_normal((v, h)).astype(np.float32))
+    codes, scales = block_q4(q, gscale)
+    xq_t, s_t = te.placeholder((m, h), "int8"), te.placeholder((m,), "float32")
+    w_t, gs_t = te.placeholder(codes.shape, "uint8"), te.placeholder(scales.shape, "float16")
+    lib = build([xq_t, s_t, w_t, gs_t, ternary_ops.lm_head_q4(xq_t, s_t, w_t, gs_t, v)],
+                schedule_lm_head_q4_vnni if vnni else schedule.schedule_lm_head_q4)
+    xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
+    *_, logits = run(lib, xq, np.ones(m, np.float32), codes, scales, np.zeros((m, v), np.float32))
+    per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64), xq.reshape(m, 4, 32).astype(np.int64))
+    want = (per_group * gscale.astype(np.float64)[None]).sum(axis=2)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
