@@ -22,13 +22,78 @@ LOG2E = math.log2(math.exp(1))
 NEG = -5e4
 
 
+def _attend_macro(D: int, page_size: int, paged: bool):
+    """The loop every kernel shares: one query row of one head against its first n_keys keys, keys in
+    chunks of 16 (16 dot products in 16-lane partials, one max and one rescale per chunk, P.V
+    16 lanes at a time). Keys come from the pages (paged) or from ragged k/v tensors."""
+    lanes = 16 if D % 16 == 0 else 1
+
+    @T.macro
+    def attend(q, keys, values, output, lse, row, h, hk, n_keys, first, page_values, sm_scale):
+        acc = T.sblock_alloc_buffer((D,), "float32")
+        part = T.sblock_alloc_buffer((lanes,), "float32")
+        S = T.sblock_alloc_buffer((CHUNK,), "float32")
+        st = T.sblock_alloc_buffer((3,), "float32")  # running max, running sum, chunk max
+        for d in T.vectorized(D):
+            acc[d] = T.float32(0)
+        st[0] = T.float32(NEG)
+        st[1] = T.float32(0)
+        for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
+            st[2] = st[0]
+            for t in T.serial(CHUNK):
+                if c * CHUNK + t < n_keys:
+                    for l in T.vectorized(lanes):
+                        part[l] = T.float32(0)
+                    for d0 in T.serial(D // lanes):
+                        for l in T.vectorized(lanes):
+                            if paged:
+                                part[l] = part[l] + q[row, h, d0 * lanes + l] * keys[
+                                    page_values[first + (c * CHUNK + t) // page_size], 0, hk,
+                                    (c * CHUNK + t) % page_size, d0 * lanes + l]
+                            else:
+                                part[l] = part[l] + q[row, h, d0 * lanes + l] * keys[first + c * CHUNK + t, hk,
+                                                                                      d0 * lanes + l]
+                    S[t] = T.float32(0)
+                    for l in T.serial(lanes):
+                        S[t] = S[t] + part[l]
+                    S[t] = S[t] * sm_scale * T.float32(LOG2E)
+                    st[2] = T.max(st[2], S[t])
+                else:
+                    S[t] = T.float32(NEG)
+            alpha: T.let[T.float32] = T.exp2(st[0] - st[2])
+            st[0] = st[2]
+            st[1] = st[1] * alpha
+            for d in T.vectorized(D):
+                acc[d] = acc[d] * alpha
+            for t in T.serial(CHUNK):
+                if c * CHUNK + t < n_keys:
+                    p: T.let[T.float32] = T.exp2(S[t] - st[0])
+                    st[1] = st[1] + p
+                    for d in T.vectorized(D):
+                        if paged:
+                            acc[d] = acc[d] + p * values[page_values[first + (c * CHUNK + t) // page_size], 1, hk,
+                                                         (c * CHUNK + t) % page_size, d]
+                        else:
+                            acc[d] = acc[d] + p * values[first + c * CHUNK + t, hk, d]
+        for d in T.vectorized(D):
+            output[row, h, d] = acc[d] / T.max(st[1], T.float32(1e-30))
+        lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+
+    return attend
+
+
+def _paged_keys(page_begin, page_end, last_len, page_size: int):
+    """Keys held by a sequence's pages: full pages plus the used part of the last one."""
+    return T.if_then_else(page_begin != page_end, (page_end - page_begin - 1) * page_size + last_len, 0)
+
+
 def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, sliding_window: bool,
                          rope_scaling: dict, page_size: int = 16):
     if sliding_window or dtype != "float32":
         raise NotImplementedError("bitcompile's CPU decode attention supports float32 without sliding window")
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    lanes = 16 if D % 16 == 0 else 1
+    attend = _attend_macro(D, page_size, paged=True)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(
@@ -63,55 +128,8 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
                 T.writes()
                 b: T.let[T.int32] = bh // H_qo
                 h: T.let[T.int32] = bh % H_qo
-                hk: T.let[T.int32] = h // group
-                p_begin: T.let[T.int32] = page_indptr[b]
-                p_end: T.let[T.int32] = page_indptr[b + 1]
-                n_keys: T.let[T.int32] = T.if_then_else(p_begin != p_end,
-                                                          (p_end - p_begin - 1) * page_size + length_info[b], 0)
-                acc = T.sblock_alloc_buffer((D,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                S = T.sblock_alloc_buffer((CHUNK,), "float32")
-                st = T.sblock_alloc_buffer((3,), "float32")  # running max, running sum, chunk max
-                for d in T.vectorized(D):
-                    acc[d] = T.float32(0)
-                st[0] = T.float32(NEG)
-                st[1] = T.float32(0)
-                for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
-                    st[2] = st[0]
-                    for t in T.serial(CHUNK):
-                        pos: T.let[T.int32] = c * CHUNK + t
-                        if pos < n_keys:
-                            page: T.let[T.int32] = page_values[p_begin + pos // page_size]
-                            off: T.let[T.int32] = pos % page_size
-                            for l in T.vectorized(lanes):
-                                part[l] = T.float32(0)
-                            for d0 in T.serial(D // lanes):
-                                for l in T.vectorized(lanes):
-                                    part[l] = part[l] + Q[b, h, d0 * lanes + l] * pages[page, 0, hk, off, d0 * lanes + l]
-                            S[t] = T.float32(0)
-                            for l in T.serial(lanes):
-                                S[t] = S[t] + part[l]
-                            S[t] = S[t] * sm_scale * T.float32(LOG2E)
-                            st[2] = T.max(st[2], S[t])
-                        else:
-                            S[t] = T.float32(NEG)
-                    alpha: T.let[T.float32] = T.exp2(st[0] - st[2])
-                    st[0] = st[2]
-                    st[1] = st[1] * alpha
-                    for d in T.vectorized(D):
-                        acc[d] = acc[d] * alpha
-                    for t in T.serial(CHUNK):
-                        pos2: T.let[T.int32] = c * CHUNK + t
-                        if pos2 < n_keys:
-                            p: T.let[T.float32] = T.exp2(S[t] - st[0])
-                            st[1] = st[1] + p
-                            page2: T.let[T.int32] = page_values[p_begin + pos2 // page_size]
-                            off2: T.let[T.int32] = pos2 % page_size
-                            for d in T.vectorized(D):
-                                acc[d] = acc[d] + p * pages[page2, 1, hk, off2, d]
-                for d in T.vectorized(D):
-                    output[b, h, d] = acc[d] / T.max(st[1], T.float32(1e-30))
-                lse[b, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+                n_keys: T.let[T.int32] = _paged_keys(page_indptr[b], page_indptr[b + 1], length_info[b], page_size)
+                attend(Q, pages, pages, output, lse, b, h, h // group, n_keys, page_indptr[b], page_values, sm_scale)
 
     return batch_decode_paged_kv_cpu
 
@@ -121,7 +139,7 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         raise NotImplementedError("bitcompile's CPU prefill attention supports float32 with d_qk == d_v")
     D = d_qk
     group = h_q // h_kv
-    lanes = 16 if D % 16 == 0 else 1
+    attend = _attend_macro(D, 0, paged=False)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -154,53 +172,11 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
                     T.reads()
                     T.writes()
                     i: T.let[T.int32] = ih // h_q
-                    h: T.let[T.int32] = ih % h_q
-                    hk: T.let[T.int32] = h // group
-                    row: T.let[T.int32] = q_indptr[b] + i
-                    kv0: T.let[T.int32] = kv_indptr[b]
                     n_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                     n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     n_keys: T.let[T.int32] = T.if_then_else(causal > 0, T.min(n_kv, i + 1 + n_kv - n_q), n_kv)
-                    acc = T.sblock_alloc_buffer((D,), "float32")
-                    part = T.sblock_alloc_buffer((lanes,), "float32")
-                    S = T.sblock_alloc_buffer((CHUNK,), "float32")
-                    st = T.sblock_alloc_buffer((3,), "float32")
-                    for d in T.vectorized(D):
-                        acc[d] = T.float32(0)
-                    st[0] = T.float32(NEG)
-                    st[1] = T.float32(0)
-                    for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
-                        st[2] = st[0]
-                        for t in T.serial(CHUNK):
-                            pos: T.let[T.int32] = c * CHUNK + t
-                            if pos < n_keys:
-                                for l in T.vectorized(lanes):
-                                    part[l] = T.float32(0)
-                                for d0 in T.serial(D // lanes):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q[row, h, d0 * lanes + l] * k[kv0 + pos, hk, d0 * lanes + l]
-                                S[t] = T.float32(0)
-                                for l in T.serial(lanes):
-                                    S[t] = S[t] + part[l]
-                                S[t] = S[t] * sm_scale * T.float32(LOG2E)
-                                st[2] = T.max(st[2], S[t])
-                            else:
-                                S[t] = T.float32(NEG)
-                        alpha: T.let[T.float32] = T.exp2(st[0] - st[2])
-                        st[0] = st[2]
-                        st[1] = st[1] * alpha
-                        for d in T.vectorized(D):
-                            acc[d] = acc[d] * alpha
-                        for t in T.serial(CHUNK):
-                            pos2: T.let[T.int32] = c * CHUNK + t
-                            if pos2 < n_keys:
-                                p: T.let[T.float32] = T.exp2(S[t] - st[0])
-                                st[1] = st[1] + p
-                                for d in T.vectorized(D):
-                                    acc[d] = acc[d] + p * v[kv0 + pos2, hk, d]
-                    for d in T.vectorized(D):
-                        output[row, h, d] = acc[d] / T.max(st[1], T.float32(1e-30))
-                    lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+                    attend(q, k, v, output, lse, q_indptr[b] + i, ih % h_q, ih % h_q // group, n_keys,
+                           kv_indptr[b], q_indptr, sm_scale)
 
     return batch_prefill_ragged_kv
 
@@ -211,7 +187,7 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
         raise NotImplementedError("bitcompile's CPU prefill attention supports float32 without sliding window")
     D = d
     group = h_q // h_kv
-    lanes = 16 if D % 16 == 0 else 1
+    attend = _attend_macro(D, page_size, paged=True)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -249,59 +225,11 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
                     T.reads()
                     T.writes()
                     i: T.let[T.int32] = ih // h_q
-                    h: T.let[T.int32] = ih % h_q
-                    hk: T.let[T.int32] = h // group
-                    row: T.let[T.int32] = q_indptr[b] + i
-                    p_begin: T.let[T.int32] = page_indptr[b]
-                    p_end: T.let[T.int32] = page_indptr[b + 1]
-                    n_kv: T.let[T.int32] = T.if_then_else(p_begin != p_end,
-                                                          (p_end - p_begin - 1) * page_size + length_info[b], 0)
+                    n_kv: T.let[T.int32] = _paged_keys(page_indptr[b], page_indptr[b + 1], length_info[b], page_size)
                     n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     n_keys: T.let[T.int32] = T.if_then_else(causal > 0, T.min(n_kv, i + 1 + n_kv - n_q), n_kv)
-                    acc = T.sblock_alloc_buffer((D,), "float32")
-                    part = T.sblock_alloc_buffer((lanes,), "float32")
-                    S = T.sblock_alloc_buffer((CHUNK,), "float32")
-                    st = T.sblock_alloc_buffer((3,), "float32")
-                    for dd in T.vectorized(D):
-                        acc[dd] = T.float32(0)
-                    st[0] = T.float32(NEG)
-                    st[1] = T.float32(0)
-                    for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
-                        st[2] = st[0]
-                        for t in T.serial(CHUNK):
-                            pos: T.let[T.int32] = c * CHUNK + t
-                            if pos < n_keys:
-                                page: T.let[T.int32] = page_values[p_begin + pos // page_size]
-                                off: T.let[T.int32] = pos % page_size
-                                for l in T.vectorized(lanes):
-                                    part[l] = T.float32(0)
-                                for d0 in T.serial(D // lanes):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q[row, h, d0 * lanes + l] * pages[page, 0, hk, off, d0 * lanes + l]
-                                S[t] = T.float32(0)
-                                for l in T.serial(lanes):
-                                    S[t] = S[t] + part[l]
-                                S[t] = S[t] * sm_scale * T.float32(LOG2E)
-                                st[2] = T.max(st[2], S[t])
-                            else:
-                                S[t] = T.float32(NEG)
-                        alpha: T.let[T.float32] = T.exp2(st[0] - st[2])
-                        st[0] = st[2]
-                        st[1] = st[1] * alpha
-                        for dd in T.vectorized(D):
-                            acc[dd] = acc[dd] * alpha
-                        for t in T.serial(CHUNK):
-                            pos2: T.let[T.int32] = c * CHUNK + t
-                            if pos2 < n_keys:
-                                p: T.let[T.float32] = T.exp2(S[t] - st[0])
-                                st[1] = st[1] + p
-                                page2: T.let[T.int32] = page_values[p_begin + pos2 // page_size]
-                                off2: T.let[T.int32] = pos2 % page_size
-                                for dd in T.vectorized(D):
-                                    acc[dd] = acc[dd] + p * pages[page2, 1, hk, off2, dd]
-                    for dd in T.vectorized(D):
-                        output[row, h, dd] = acc[dd] / T.max(st[1], T.float32(1e-30))
-                    lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+                    attend(q, pages, pages, output, lse, q_indptr[b] + i, ih % h_q, ih % h_q // group, n_keys,
+                           page_indptr[b], page_values, sm_scale)
 
     return batch_prefill_paged_kv_cpu
 
