@@ -42,6 +42,17 @@ def _checkpoint_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _compiler_digest() -> str:
+    """Version plus a hash of the package's sources: a cached artifact never outlives the code that
+    compiled it (schedules change between commits, not only between releases)."""
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return f"{__version__}-{h.hexdigest()[:8]}"
+
+
 def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) -> Path:
     """An artifact path: given as one, or compiled from a checkpoint into the cache on first use."""
     from .artifact import MANIFEST
@@ -51,10 +62,8 @@ def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) 
     if not (model_or_artifact / "config.json").is_file():
         raise FileNotFoundError(f"{model_or_artifact}: neither a bitcompile artifact (manifest.json) nor a "
                                 "Hugging Face checkpoint (config.json)")
-    from . import __version__
-
     digest = _checkpoint_digest(model_or_artifact)
-    out = cache_dir() / f"{model_or_artifact.name}-{digest}-{target}-{head or 'default'}-{__version__}.bitc"
+    out = cache_dir() / f"{model_or_artifact.name}-{digest}-{target}-{head or 'default'}-{_compiler_digest()}.bitc"
     if not (out / MANIFEST).is_file():
         from .build import compile_model
 
