@@ -23,6 +23,20 @@ def _extent(sch: s_tir.Schedule, loop) -> int | None:
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
+def vectorize_lanes(sch: s_tir.Schedule, loop, lanes: int = 16):
+    """Split `loop` into lanes-wide vectors and vectorize them (all our extents are multiples of 16)."""
+    sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
+
+
+def scale_logits(sch: s_tir.Schedule, out):
+    """The heads' last step (integer sums -> scaled logits): 16-wide vectors over the vocabulary,
+    vector chunks in parallel."""
+    _, vocab = sch.get_loops(out)
+    chunks, lanes = sch.split(vocab, factors=[None, 16])
+    sch.parallel(chunks)
+    sch.vectorize(lanes)
+
+
 def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
     """rfactor the last axis of a reduction into `lanes` partial results (one vector), so it runs as
     a vector loop instead of a scalar dependency chain; returns the partials' block."""
@@ -39,7 +53,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule):
     token = sch.get_loops(amax_partials)[0]
     for name in ("amax", "act_scale", "x_q"):
         sch.reverse_compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
-    sch.vectorize(sch.split(sch.get_loops(sch.get_sblock("x_q"))[-1], factors=[None, 16])[1])
+    vectorize_lanes(sch, sch.get_loops(sch.get_sblock("x_q"))[-1])
     if _extent(sch, token) != 1:
         for loop in (token, sch.get_loops(sum_partials)[0], sch.get_loops(sch.get_sblock("x_sum"))[0]):
             sch.parallel(loop)
@@ -65,7 +79,7 @@ def schedule_ternary_matmul(sch: s_tir.Schedule):
     sch.vectorize(sch.get_loops(init)[-1])
     yi, yj = sch.get_loops(y)
     sch.parallel(yi)
-    sch.vectorize(sch.split(yj, factors=[None, 16])[1])
+    vectorize_lanes(sch, yj)
 
 
 def schedule_lm_head(sch: s_tir.Schedule):
@@ -86,7 +100,7 @@ def schedule_embedding(sch: s_tir.Schedule):
     blk = sch.get_sblock("embed")
     i, j = sch.get_loops(blk)
     sch.parallel(i)
-    sch.vectorize(sch.split(j, factors=[None, 16])[1])
+    vectorize_lanes(sch, j)
 
 
 def schedule_rms_norm(sch: s_tir.Schedule):
@@ -109,7 +123,7 @@ def schedule_rms_norm(sch: s_tir.Schedule):
     if _extent(sch, row) != 1:
         sch.parallel(row)
         sch.parallel(sch.fuse(*p_rows) if len(p_rows) > 1 else p_rows[0])
-    sch.vectorize(sch.split(h, factors=[None, 16])[1])
+    vectorize_lanes(sch, h)
     sch.vectorize(p_lane)
     sch.decompose_reduction(partials, p_k)
 
@@ -148,10 +162,7 @@ def schedule_lm_head_int8(sch: s_tir.Schedule):
     sch.vectorize(vi)
     init = sch.decompose_reduction(acc, h)
     sch.vectorize(sch.get_loops(init)[-1])
-    oi, ov = sch.get_loops(out)
-    ovo, ovi = sch.split(ov, factors=[None, 16])
-    sch.parallel(ovo)
-    sch.vectorize(ovi)
+    scale_logits(sch, out)
 
 
 def schedule_lm_head_q4(sch: s_tir.Schedule):
@@ -170,8 +181,7 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
     sch.decompose_reduction(acc, at)
     sch.vectorize(r)
     sch.decompose_reduction(total, g)
-    oi, ov = sch.get_loops(out)
-    sch.parallel(sch.split(ov, factors=[None, 16])[0])
+    scale_logits(sch, out)
 
 
 def ternary_matmul_rule(target):

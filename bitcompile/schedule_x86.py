@@ -22,7 +22,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .schedule import _has_blocks
+from .schedule import _has_blocks, scale_logits, vectorize_lanes
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -116,7 +116,7 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = N
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(nbi)
     sch.unroll(j)
-    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
 
 
 def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
@@ -142,13 +142,13 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
     sch.decompose_reduction(acc, kb)
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(nbi)
-    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     pi, pk = sch.get_loops(pad)
     sch.parallel(pi)
-    sch.vectorize(sch.split(pk, factors=[None, 16])[1])
+    vectorize_lanes(sch, pk)
     yi, yn = sch.get_loops(y)
     sch.parallel(yi)
-    sch.vectorize(sch.split(yn, factors=[None, 16])[1])
+    vectorize_lanes(sch, yn)
 
 
 def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
@@ -169,11 +169,8 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     sch.decompose_reduction(acc, hb)
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(vbi)
-    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
-    oi, ov = sch.get_loops(out)
-    ovo, ovi = sch.split(ov, factors=[None, 16])
-    sch.parallel(ovo)
-    sch.vectorize(ovi)
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    scale_logits(sch, out)
 
 
 def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
@@ -203,8 +200,5 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     sch.vectorize(r)
     sch.decompose_reduction(total, g)
     sch.unroll(vbi)
-    sch.vectorize(sch.split(sch.get_loops(writeback)[-1], factors=[None, 16])[1])
-    oi, ov = sch.get_loops(out)
-    ovo, ovi = sch.split(ov, factors=[None, 16])
-    sch.parallel(ovo)
-    sch.vectorize(ovi)
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    scale_logits(sch, out)
