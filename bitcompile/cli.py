@@ -32,13 +32,12 @@ def cache_dir() -> Path:
 
 
 def _checkpoint_digest(model_dir: Path) -> str:
+    from .artifact import sha256_file
+
     h = hashlib.sha256()
     for path in sorted(model_dir.iterdir()):
         if path.is_file() and (path.suffix in (".json", ".safetensors")):
-            h.update(path.name.encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
+            h.update(f"{path.name}:{sha256_file(path)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -99,9 +99,12 @@ class Engine:
         return np.concatenate([self._vm["head"](h, self._params).numpy()[0] for h in self._prefill(ids)])
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Start a sequence: logits of its last position (float32 [vocab]); `decode` continues it."""
+        """Start a sequence: logits of its last position (float32 [vocab]); `step` continues it."""
         ids = [int(t) for t in token_ids]
         self._check_prompt(ids)
+        return self._last_logits(ids)
+
+    def _last_logits(self, ids: list[int]) -> np.ndarray:
         return self._vm["head_last"](self._prefill(ids)[-1], self._params).numpy()[0, -1]
 
     def step(self, token: int) -> np.ndarray:
@@ -136,7 +139,7 @@ class Engine:
     def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, stops: list[str]) -> Iterator[str]:
         if max_new_tokens == 0:
             return
-        logits = self.prefill(ids)
+        logits = self._last_logits(ids)  # stream() has checked the prompt already
         generated: list[int] = []
         emitted = 0
         while True:
