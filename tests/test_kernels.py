@@ -25,6 +25,26 @@ def run(lib, *arrays):
     return [a.numpy() for a in tvm_arrays]
 
 
+def integer_kernel(op, rule, tokens, k, w_shape, cols):
+    """Build op(x_q, s, sum(x_q), w, per-column scale) and return a runner (xq, w, s=1, col=1) -> y."""
+    xq_t, s_t, sum_t = te.placeholder((tokens, k), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
+    w_t, col_t = te.placeholder(w_shape, "uint8"), te.placeholder((cols,), "float32")
+    lib = build([xq_t, s_t, sum_t, w_t, col_t, op(xq_t, s_t, sum_t, w_t, col_t)], rule)
+
+    def call(xq, w, s=None, col=None):
+        m = len(xq)
+        s = np.ones(m, np.float32) if s is None else s
+        col = np.ones(cols, np.float32) if col is None else col
+        return run(lib, xq, s, xq.sum(1, dtype=np.int32), w, col, np.zeros((m, cols), np.float32))[-1]
+
+    return call
+
+
+def exact_dot(xq, weights):
+    """Integer x_q . W^T in int64 (|values| < 2^24: exact in float32 too)."""
+    return (xq.astype(np.int64) @ weights.astype(np.int64).T).astype(np.float32)
+
+
 @pytest.mark.parametrize("m, k", [(1, 64), (5, 2560 // 8)])
 def test_quantize_activations_matches_reference_exactly(m, k):
     x = te.placeholder((m, k), "float32")
@@ -41,20 +61,13 @@ def test_quantize_activations_matches_reference_exactly(m, k):
 @pytest.mark.parametrize("m, n, k", [(1, 48, 64), (7, 32, 160), (1, 3 * 64, 256)])
 def test_ternary_matmul_integer_dot_is_exact(m, n, k):
     rng = np.random.default_rng(n + k)
-    xq_t, s_t, sum_t = te.placeholder((m, k), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
-    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
-    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
-                schedule.schedule_ternary_matmul)
+    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule.schedule_ternary_matmul, m, k,
+                            (n // 16, k // 16, 64), n)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    exact = xq.astype(np.int64) @ t.astype(np.int64).T
-    ones = np.ones(m, np.float32)
-    *_, y = run(lib, xq, ones, xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
-                np.zeros((m, n), np.float32))
-    np.testing.assert_array_equal(y, exact.astype(np.float32))  # |values| < 2^24: exact in float32
+    np.testing.assert_array_equal(matmul(xq, pack_kernel(t)), exact_dot(xq, t))
     s, mult = rng.uniform(1, 50, m).astype(np.float32), rng.uniform(0.1, 2, n).astype(np.float32)
-    *_, y = run(lib, xq, s, xq.sum(1, dtype=np.int32), pack_kernel(t), mult, np.zeros((m, n), np.float32))
-    np.testing.assert_allclose(y, exact.astype(np.float32) / s[:, None] * mult, rtol=1e-6)
+    np.testing.assert_allclose(matmul(xq, pack_kernel(t), s, mult), exact_dot(xq, t) / s[:, None] * mult, rtol=1e-6)
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -81,16 +94,10 @@ def test_bf16_lm_head_and_embedding(m):
 def test_vnni_ternary_matmul_is_exact(m, n, k):
     from bitcompile.schedule_x86 import schedule_ternary_matmul_vnni
     rng = np.random.default_rng(n * k + m)
-    xq_t, s_t, sum_t = te.placeholder((m, k), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
-    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
-    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
-                schedule_ternary_matmul_vnni)
+    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule_ternary_matmul_vnni, m, k, (n // 16, k // 16, 64), n)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    exact = xq.astype(np.int64) @ t.astype(np.int64).T
-    *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
-                np.zeros((m, n), np.float32))
-    np.testing.assert_array_equal(y, exact.astype(np.float32))
+    np.testing.assert_array_equal(matmul(xq, pack_kernel(t)), exact_dot(xq, t))
 
 
 @pytest.mark.parametrize("vnni", [False, True])
@@ -103,14 +110,10 @@ def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
     rng = np.random.default_rng(v + m)
     h = 64
     q, scale = quantize_int8_rows(rng.standard_normal((v, h)).astype(np.float32))
-    xq_t, s_t, sum_t = te.placeholder((m, h), "int8"), te.placeholder((m,), "float32"), te.placeholder((m,), "int32")
-    w_t, rs_t = te.placeholder((padded_vocab(v) // 16, h // 4, 64), "uint8"), te.placeholder((v,), "float32")
-    lib = build([xq_t, s_t, sum_t, w_t, rs_t, ternary_ops.lm_head_int8(xq_t, s_t, sum_t, w_t, rs_t)],
-                schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8)
+    head = integer_kernel(ternary_ops.lm_head_int8, schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8,
+                          m, h, (padded_vocab(v) // 16, h // 4, 64), v)
     xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
-    *_, logits = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), block_int8_rows(q),
-                     np.ones(v, np.float32), np.zeros((m, v), np.float32))
-    np.testing.assert_array_equal(logits, (xq.astype(np.int64) @ q.astype(np.int64).T).astype(np.float32))
+    np.testing.assert_array_equal(head(xq, block_int8_rows(q)), exact_dot(xq, q))
 
 
 @pytest.mark.parametrize("vnni", [False, True])
@@ -121,17 +124,12 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     n, k = 128, 96
-    tokens = tvm.tirx.Var("m", "int64")
-    xq_t, s_t, sum_t = te.placeholder((tokens, k), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
-    w_t, mult_t = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
-    lib = build([xq_t, s_t, sum_t, w_t, mult_t, ternary_ops.ternary_matmul(xq_t, s_t, sum_t, w_t, mult_t)],
-                schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul)
+    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul,
+                            tvm.tirx.Var("m", "int64"), k, (n // 16, k // 16, 64), n)
     rng = np.random.default_rng(m)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
-    *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
-                np.zeros((m, n), np.float32))
-    np.testing.assert_array_equal(y, (xq.astype(np.int64) @ t.astype(np.int64).T).astype(np.float32))
+    np.testing.assert_array_equal(matmul(xq, pack_kernel(t)), exact_dot(xq, t))
 
 
 @pytest.mark.parametrize("vnni", [False, True])
