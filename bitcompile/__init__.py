@@ -18,10 +18,13 @@ def load(path, **kwargs):
     return Engine(path, **kwargs)
 
 
-def compile(model_dir, target="host", output=None, overwrite=False, progress=True, head=None):  # noqa: A001
+def compile(model_dir, target="host", output=None, overwrite=False, progress=True, head=None,  # noqa: A001
+            schedules=None):
     """Compile a Hugging Face BitNet checkpoint directory for `target` into an artifact directory.
 
-    head: lm_head storage, "bf16" | "int8" | "f32" (default: int8 for vocabularies >= 32000, else bf16)."""
+    head: lm_head storage, "bf16" | "int8" | "q4" | "f32" (default: int8 for vocabularies >= 32000, else bf16).
+    schedules: folder of tuning records (default: the committed schedules/)."""
     from .build import compile_model
 
-    return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress, head=head)
+    return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress, head=head,
+                         schedules=schedules)

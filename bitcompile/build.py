@@ -18,6 +18,7 @@ from .checkpoint import load_checkpoint
 from .head import check_head, default_head
 from .model import BitNetForCausalLM
 from .packing import KERNEL_LAYOUT
+from .records import RecordStore
 from .repack import graph_params
 from .schedule import cpu_schedule_pass
 from .targets import TargetSpec, resolve_target
@@ -37,33 +38,37 @@ def mark_all_noalias(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
     return mod
 
 
-def relax_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The default CPU pipeline with our schedule rules between fusion and lowering."""
+def relax_pipeline(target: tvm.target.Target, records=None) -> tvm.transform.Pass:
+    """The default CPU pipeline with our schedule rules (and tuning `records`) between legalization
+    and lowering."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         with target:
             passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                      + [cpu_schedule_pass(), mark_all_noalias]
+                      + [cpu_schedule_pass(records), mark_all_noalias]
                       + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
 
 
-def build_graph(ckpt, spec: TargetSpec, head: str = "bf16"):
+def build_graph(config, spec: TargetSpec, head: str = "bf16"):
     target = tvm.target.Target(spec.tvm)
-    model = BitNetForCausalLM(ckpt.config, target, head)
+    model = BitNetForCausalLM(config, target, head)
     mod, named_params = model.export_tvm(spec=model.spec())
     return target, mod, [name for name, _ in named_params]
 
 
 def compile_model(model_dir: str | Path, target: str = "host", output: str | Path | None = None,
-                  overwrite: bool = False, progress: bool = True, head: str | None = None) -> Path:
+                  overwrite: bool = False, progress: bool = True, head: str | None = None,
+                  schedules: str | Path | None = None) -> Path:
     """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path.
 
-    `head`: lm_head storage ("bf16", "int8", "f32"; see head.py); default int8 for large vocabularies."""
+    `head`: lm_head storage ("bf16", "int8", "q4", "f32"; see head.py); default int8 for large vocabularies.
+    `schedules`: folder of tuning records (default: the committed schedules/); kernels without a
+    matching record get the default schedule."""
     spec = resolve_target(target)
     if head is not None:
         check_head(head)
@@ -83,11 +88,13 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         head = head or default_head(ckpt.config.vocab_size)
         if head == "q4" and ckpt.config.hidden_size % 32:
             raise ValueError(f"--head q4 needs hidden_size divisible by 32 (got {ckpt.config.hidden_size}); use int8")
-        target_obj, mod, param_order = build_graph(ckpt, spec, head)
+        target_obj, mod, param_order = build_graph(ckpt.config, spec, head)
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
-            executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj))
+            records = RecordStore(schedules, target_obj)
+            executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj, records))
             executable.export_library(str(tmp / LIBRARY))
             bar.update()
+        say(records.summary())
         with tqdm(total=len(param_order), desc="write parameters", unit="tensor", disable=not progress) as bar:
             def counted(items):
                 for item in items:
@@ -106,6 +113,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
             "target": {"name": spec.name, "tvm": spec.tvm, "requires": spec.requires()},
             "model": ckpt.config.to_dict(),
             "weights": {"ternary_layout": KERNEL_LAYOUT, "head": head},
+            "schedules": records.report(),
             "versions": {"bitcompile": __version__, "tvm": tvm.__version__},
             "source": str(model_dir.resolve()),
             "params": index,

@@ -42,12 +42,14 @@ def _checkpoint_digest(model_dir: Path) -> str:
 
 
 def _compiler_digest() -> str:
-    """Version plus a hash of the package's sources: a cached artifact never outlives the code that
-    compiled it (schedules change between commits, not only between releases)."""
+    """Version plus a hash of the package's sources and tuning records: a cached artifact never
+    outlives the code that compiled it (schedules change between commits, not only between releases)."""
     from . import __version__
 
+    from .records import schedules_dir
+
     h = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")) + sorted(schedules_dir().glob("*/*.json")):
         h.update(path.read_bytes())
     return f"{__version__}-{h.hexdigest()[:8]}"
 
@@ -74,7 +76,19 @@ def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) 
 def cmd_compile(args):
     from .build import compile_model
 
-    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force, head=args.head)
+    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force, head=args.head,
+                  schedules=args.schedules)
+
+
+def cmd_tune(args):
+    from .tune import tune
+
+    if args.trials < 1:
+        raise ValueError("--trials must be at least 1")
+    for row in tune(args.model, target=args.target, trials=args.trials, head=args.head, schedules=args.schedules,
+                    only=args.kernel):
+        knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
+        print(f"{row['kernel']:36s} {row['us']:9.1f} us  {knobs:26s} ({row['trials']} trials) -> {row['record']}")
 
 
 def cmd_run(args):
@@ -183,7 +197,28 @@ def parser() -> argparse.ArgumentParser:
                         "q4 (4-bit, a scale per 32 inputs, a quarter), f32; default int8 for vocabularies "
                         ">= 32000, else bf16")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.add_argument("--schedules", metavar="DIR", help="tuning records to apply (default: the committed schedules/); "
+                                                      "kernels without a matching record get the default schedule")
     c.set_defaults(func=cmd_compile)
+
+    u = sub.add_parser("tune", help="autotune the ternary kernels on this machine; records go to schedules/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Search the knobs of the ternary kernels' schedule templates (row blocks, "
+                                   "unrolling) with MetaSchedule, timing each candidate on this machine. Each "
+                                   "kernel's best knobs are checked against exact integer results, then saved as "
+                                   "a record in schedules/<target>/ that every later `bitcompile compile` for "
+                                   "that target applies. Ctrl-C keeps what was measured; run it again to resume.",
+                       epilog="example:\n  bitcompile tune 2b4t --trials 32\n  bitcompile compile 2b4t -o 2b4t.bitc"
+                              "   # says: schedules: 8 tuned kernels from schedules/x86_64-znver4")
+    u.add_argument("model", help="checkpoint directory (only config.json is read: kernels depend on shapes)")
+    u.add_argument("--target", "-t", default="host", help="target preset (default: host)")
+    u.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32; "
+                                                          "small spaces finish early)")
+    u.add_argument("--head", choices=["bf16", "int8", "q4", "f32"], help="lm_head option (as for compile)")
+    u.add_argument("--kernel", metavar="TEXT", help="tune only kernels whose name contains TEXT, "
+                                                   "e.g. decode or 2560x6912")
+    u.add_argument("--schedules", metavar="DIR", help="records folder (default: the committed schedules/)")
+    u.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="generate text from an artifact or a checkpoint",
                        description="Generate text. MODEL is an artifact, or a checkpoint directory that is compiled "

@@ -7,6 +7,10 @@ that parallelizes the outermost loop, so no operator is left as a serial loop ne
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Callable
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -184,6 +188,24 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
     scale_logits(sch, out)
 
 
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A schedule template with knobs: apply(sch, **knobs) schedules a kernel (missing knobs take the
+    template's measured defaults); space(sch) names each knob's candidate values for this kernel.
+    bitcompile tune searches the space; the records it writes supply the knobs at compile time."""
+
+    apply: Callable
+    space: Callable[[s_tir.Schedule], dict]
+
+
+def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
+    if _op_name(func) != "ternary_matmul":
+        return None
+    from .schedule_x86 import TERNARY_VNNI, has_vnni
+
+    return TERNARY_VNNI if has_vnni(target) else None
+
+
 def ternary_matmul_rule(target):
     """The best ternary matmul schedule this target supports."""
     from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
@@ -192,7 +214,8 @@ def ternary_matmul_rule(target):
 
 
 class TernaryRules(ScheduleRule):
-    """Dispatch a bitcompile operator to its schedule by the `bitcompile.op` attribute."""
+    """Dispatch a bitcompile operator to its schedule by the `bitcompile.op` attribute; tunable
+    kernels take their knobs from `records` (a records.RecordStore) when it has them."""
 
     rules = {
         "quantize_activations": schedule_quantize_activations,
@@ -200,10 +223,18 @@ class TernaryRules(ScheduleRule):
         "embedding": schedule_embedding,
     }
 
+    def __init__(self, records=None):
+        super().__init__()
+        self.records = records
+
     def apply(self, func, target, tunable):
         name = _op_name(func) if isinstance(func, tirx.PrimFunc) else None
         rule = self.rules.get(name)
-        if name == "ternary_matmul":
+        template = tunable_template(func, target) if name else None
+        if template is not None:
+            knobs = self.records.lookup(func) if self.records is not None else None
+            rule = functools.partial(template.apply, **(knobs or {}))
+        elif name == "ternary_matmul":
             rule = ternary_matmul_rule(target)
         elif name == "lm_head_int8":
             from .schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
@@ -241,5 +272,5 @@ class ParallelOuterLoop(ScheduleRule):
         return sch if changed else None
 
 
-def cpu_schedule_pass() -> tvm.transform.Pass:
-    return dl.ApplyDefaultSchedule(TernaryRules(), RMSNormRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelOuterLoop())
+def cpu_schedule_pass(records=None) -> tvm.transform.Pass:
+    return dl.ApplyDefaultSchedule(TernaryRules(records), RMSNormRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelOuterLoop())

@@ -22,7 +22,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .schedule import _has_blocks, scale_logits, vectorize_lanes
+from .schedule import Template, _has_blocks, scale_logits, vectorize_lanes
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -89,34 +89,51 @@ def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
 
 # Measured on Zen 4, 2 threads (2B-shape matrices): decode streams weights best with 8 independent
 # accumulators per task; prefill (tiles of 8 tokens) with 2 row blocks, i.e. 16 accumulators, all in
-# registers (8 x 4 spilled to L1 and ran at 2/3 of the speed).
+# registers (8 x 4 spilled to L1 and ran at 2/3 of the speed). Tuning records (tune.py) override these.
 DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2
 
 
-def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = None):
-    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI."""
+def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1):
+    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI.
+
+    Knobs (ints, or a tuner's sampled variables): `row_blocks` independent 16-row accumulators per task,
+    `k_unroll` blocks of 16 inputs per unrolled step."""
     acc = sch.get_sblock("acc")
     prefill = _has_blocks(sch, "x_pad")
-    preferred = row_blocks or (PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS)
-    row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
+    if row_blocks is None:
+        preferred = PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS
+        row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
     if prefill:
-        return _schedule_prefill(sch, row_blocks)
+        return _schedule_prefill(sch, row_blocks, k_unroll)
     y, codes = sch.get_sblock("y"), sch.get_sblock("codes")
     i, n, k = sch.get_loops(acc)
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
-    kb, j, kk = sch.split(k, factors=[None, 4, 4])
-    sch.reorder(nbo, i, kb, j, nbi, r, kk)
+    kbo, kbi, j, kk = sch.split(k, factors=[None, k_unroll, 4, 4])
+    sch.reorder(nbo, i, kbo, kbi, j, nbi, r, kk)
     sch.parallel(nbo)
     writeback = sch.cache_write(acc, 0, "local")  # acc now accumulates in registers; this copies them out
     sch.reverse_compute_at(writeback, i)
     sch.reverse_compute_inline(y)  # y = (acc - sum) / s * multiplier straight from the accumulators
     _unpack_in_registers(sch, codes, nbi)
-    sch.decompose_reduction(acc, kb)
+    sch.decompose_reduction(acc, kbo)
     sch.tensorize(r, VNNI_16x4)
-    sch.unroll(nbi)
-    sch.unroll(j)
+    for loop in (nbi, j, kbi):
+        sch.unroll(loop)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+
+
+def ternary_vnni_space(sch: s_tir.Schedule) -> dict:
+    """Candidates for each knob of schedule_ternary_matmul_vnni on this kernel (divisors only: a
+    remainder would put a predicate on the tensorized block). Prefill keeps 8 tokens of accumulators
+    per row block, so it gets fewer row blocks before the registers run out."""
+    _, n, k = sch.get_loops(sch.get_sblock("acc"))
+    row_blocks, k_blocks = int(sch.get(n).extent) // 16, int(sch.get(k).extent) // 16
+    prefill = _has_blocks(sch, "x_pad")
+    return {
+        "row_blocks": [d for d in ((1, 2, 4) if prefill else (1, 2, 4, 8, 16)) if row_blocks % d == 0],
+        "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],
+    }
 
 
 def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
@@ -125,7 +142,7 @@ def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
     sch.vectorize(sch.get_loops(codes)[-1])
 
 
-def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
+def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll):
     """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
     from .ternary_ops import M_TILE
 
@@ -133,15 +150,16 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
     i, n, k = sch.get_loops(acc)
     mo, mi = sch.split(i, factors=[None, M_TILE])
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
-    kb, j, kk = sch.split(k, factors=[None, 4, 4])
-    sch.reorder(nbo, mo, kb, j, nbi, mi, r, kk)
+    kbo, kbi, j, kk = sch.split(k, factors=[None, k_unroll, 4, 4])
+    sch.reorder(nbo, mo, kbo, kbi, j, nbi, mi, r, kk)
     sch.parallel(nbo)
     writeback = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(writeback, mo)
     _unpack_in_registers(sch, codes, nbi)
-    sch.decompose_reduction(acc, kb)
+    sch.decompose_reduction(acc, kbo)
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(nbi)
+    sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     pi, pk = sch.get_loops(pad)
     sch.parallel(pi)
@@ -151,12 +169,13 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
     vectorize_lanes(sch, yn)
 
 
-def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None):
     """The int8 head: the ternary loop nest without unpacking (each 64-byte block already holds
     16 rows x 4 inputs of unsigned codes)."""
     acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
     i, v, h = sch.get_loops(acc)
-    row_blocks = row_blocks_for(sch, v, row_blocks)
+    if row_blocks is None:
+        row_blocks = row_blocks_for(sch, v, 4)
     vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
     hb, kk = sch.split(h, factors=[None, 4])
     sch.reorder(vbo, i, hb, vbi, r, kk)
@@ -173,13 +192,14 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     scale_logits(sch, out)
 
 
-def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
+def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
     """4-bit head: per (16-row block, group of 32 inputs) an int32x16 accumulator from 8 vpdpbusd
     (4 blocks of 8 inputs x 2 nibble planes), then one convert + multiply-add by the group scales
     into float accumulators (row_blocks x 16 lanes) that stay in registers."""
     total, acc, codes, out = (sch.get_sblock(b) for b in ("head_total", "group_acc", "codes", "head_out"))
     i, v, g = sch.get_loops(total)
-    row_blocks = row_blocks_for(sch, v, row_blocks)
+    if row_blocks is None:
+        row_blocks = row_blocks_for(sch, v, 4)
     vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
     sch.reorder(vbo, i, g, vbi, r)
     sch.parallel(vbo)
@@ -202,3 +222,6 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks: int = 4):
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     scale_logits(sch, out)
+
+
+TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_vnni_space)

@@ -41,11 +41,13 @@ def quantize_activations(x: te.Tensor):
 M_TILE = 8  # prefill: tokens per register tile; a dynamic token count is padded up to a multiple
 
 
-def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor):
+def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor,
+                   pad_tokens: bool | None = None):
+    """pad_tokens (default: when the token count is symbolic, i.e. prefill) adds the x_pad stage."""
     m, k = xq.shape
     n = w.shape[0] * 16
     rows = m
-    if not isinstance(m, (int, tirx.IntImm)):
+    if pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm)):
         # Prefill: pad the tokens to whole tiles so schedules can tile them without a predicate.
         rows = (m + M_TILE - 1) // M_TILE * M_TILE
         x = xq
@@ -151,3 +153,12 @@ def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Te
         name="head_total",
     )
     return te.compute((m, vocab), lambda i, v: total[i, v] / scale[i], name="head_out")
+
+
+def ternary_matmul_func(tokens: int | None, n: int, k: int, pad_tokens: bool | None = None) -> tirx.PrimFunc:
+    """The ternary matmul alone as a PrimFunc (tokens None: symbolic, as prefill compiles it)."""
+    tokens = tirx.Var("n", "int64") if tokens is None else tokens
+    xq, s, xsum = te.placeholder((tokens, k), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
+    w, mult = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
+    y = ternary_matmul(xq, s, xsum, w, mult, pad_tokens=pad_tokens)
+    return te.create_prim_func([xq, s, xsum, w, mult, y]).with_attrs(op_attrs("ternary_matmul"))

@@ -1,0 +1,283 @@
+"""Auto-tuning: MetaSchedule searches the knobs of our schedule templates, measured on the machine.
+
+Per distinct tunable kernel of the model (records.kernel_key):
+  space    a ScheduleFn that samples each knob of the kernel's template (sample_categorical) and
+           applies the template: every candidate is the hand schedule with other knob values
+  search   evolutionary search (never measures a candidate twice); the spaces are small, so a
+           random cost model does as well as a learned one and needs no xgboost
+  build    in this process (LocalBuilder starts fresh worker processes for every batch)
+  measure  MetaSchedule's LocalRunner with the CPU cache flushed between runs: decode streams its
+           weights from DRAM, and a warm cache would pick knobs for the wrong bottleneck
+  verify   the chosen knobs' kernel against exact integer numpy results on random ternary weights;
+           only then is the record written (records.RecordStore)
+Each kernel's MetaSchedule database lives in schedules/<target>/.tuning/<digest>/; an interrupted
+run keeps it, and a rerun counts the trials measured there and runs only the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import s_tir, tirx
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from . import ternary_ops
+from .build import build_graph
+from .config import load_config
+from .head import check_head, default_head
+from .packing import pack_kernel
+from .records import RecordStore, key_digest, kernel_key
+from .schedule import tunable_template
+from .targets import resolve_target
+
+PREFILL_TOKENS = 128  # prefill kernels are measured at this many tokens (a typical prompt)
+
+
+@dataclass
+class Task:
+    func: tirx.PrimFunc  # as the compiler sees it (prefill: symbolic token count)
+    template: object  # schedule.Template
+
+    @property
+    def name(self) -> str:
+        tokens, n, k = self.shape
+        return f"ternary_matmul {'prefill' if tokens is None else 'decode'} {n}x{k}"
+
+    @property
+    def shape(self) -> tuple[int | None, int, int]:
+        """(tokens or None when symbolic, n, k)."""
+        xq, w = self.func.params[0], self.func.params[3]
+        tokens = xq.shape[0]
+        return (int(tokens) if isinstance(tokens, tirx.IntImm) else None), int(w.shape[0]) * 16, int(xq.shape[1])
+
+    def measured_func(self) -> tirx.PrimFunc:
+        """The function MetaSchedule times: a prefill's symbolic token count fixed to PREFILL_TOKENS
+        (same stages, so the same template applies)."""
+        tokens, n, k = self.shape
+        if tokens is not None:
+            return self.func
+        return ternary_ops.ternary_matmul_func(PREFILL_TOKENS, n, k, pad_tokens=True)
+
+
+def extract_tasks(model_dir, spec, head: str) -> list[Task]:
+    """The model's distinct tunable kernels (the graph legalized exactly as compile does it)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target, mod, _ = build_graph(load_config(model_dir), spec, head)
+    with target:
+        mod = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+    tasks, seen = [], set()
+    for _, func in sorted(mod.functions_items(), key=lambda item: item[0].name_hint):
+        template = tunable_template(func, target) if isinstance(func, tirx.PrimFunc) else None
+        digest = key_digest(kernel_key(func, target)) if template else None
+        if template is None or digest in seen:
+            continue
+        seen.add(digest)
+        tasks.append(Task(func, template))
+    return tasks
+
+
+def knob_space_fn(template, knobs: dict):
+    def sample_and_apply(sch: s_tir.Schedule):
+        sampled = {name: sch.sample_categorical(values, [1.0 / len(values)] * len(values))
+                   for name, values in knobs.items()}
+        template.apply(sch, **sampled)
+
+    return sample_and_apply
+
+
+def knobs_of(trace, names: list[str]) -> dict:
+    """The knob values a tuning record's trace chose (its SampleCategorical decisions, in order)."""
+    values = [int(inst.attrs[0][int(trace.decisions[inst])]) for inst in trace.insts
+              if inst.kind.name == "SampleCategorical"]
+    return dict(zip(names, values, strict=True))
+
+
+@derived_object
+class InProcessBuilder(ms.builder.PyBuilder):
+    """Compile candidates here: a small kernel builds in ~1 s, a fresh builder process costs ~15 s."""
+
+    def __init__(self, export=None):
+        super().__init__()
+        self.export = export  # cross-linking for a device; None: this machine's compiler
+
+    def build(self, build_inputs):
+        results = []
+        for item in build_inputs:
+            try:
+                lib = tvm.compile(item.mod, target=item.target)
+                path = Path(tempfile.mkdtemp(prefix="bitcompile-tune-")) / "kernel.so"
+                lib.export_library(str(path), fcompile=self.export) if self.export else lib.export_library(str(path))
+                results.append(ms.builder.BuilderResult(str(path), None))
+            except Exception as err:  # a candidate that does not build is a failed trial, not a failed run
+                results.append(ms.builder.BuilderResult(None, f"build failed: {err}"))
+        return results
+
+
+@derived_object
+class Progress(ms.measure_callback.PyMeasureCallback):
+    """Advance a progress bar per measured candidate and show the best time so far. Once `stop` is
+    set (Ctrl-C, or `stop_after` trials in tests) it ends the search after the batch is saved."""
+
+    def __init__(self, bar, stop: dict, stop_after: int | None = None):
+        super().__init__()
+        self.bar, self.best, self.stop, self.stop_after, self.done = bar, float("inf"), stop, stop_after, 0
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for result in runner_results:
+            self.best = min(self.best, _seconds(result))
+        self.done += len(runner_results)
+        self.bar.update(len(runner_results))
+        if self.best < float("inf"):
+            self.bar.set_postfix_str(f"best {self.best * 1e6:.1f} us")
+        if self.stop_after is not None and self.done >= self.stop_after:
+            self.stop["requested"] = True
+        if self.stop["requested"]:
+            raise KeyboardInterrupt  # crosses the FFI as an error; search() turns it back into this
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """First Ctrl-C: let the batch being measured finish and be saved, then stop. Second: abort now."""
+    stop = {"requested": False}
+
+    def handler(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after this batch (what was measured is kept; Ctrl-C again to abort)", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C behaves as usual
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def local_runner():
+    config = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=True)
+    return ms.runner.LocalRunner(evaluator_config=config)
+
+
+def _seconds(record) -> float:
+    """Median measured time; failed builds and runs are stored as 1e10 s or without times."""
+    secs = [float(s) for s in record.run_secs or []]
+    return float(np.median(secs)) if secs else float("inf")
+
+
+def _space_size(knobs: dict) -> int:
+    return int(np.prod([len(v) for v in knobs.values()]))
+
+
+def search(task: Task, target, work_dir: Path, trials: int, runner, progress: Progress) -> dict | None:
+    """Run MetaSchedule until the kernel's database holds `trials` measurements (or the whole space);
+    return the best knobs."""
+    mod = tvm.IRModule({"main": task.measured_func()})
+    knobs = task.template.space(s_tir.Schedule(mod))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(work_dir))  # one kernel per work dir
+    done = len(database.get_all_tuning_records())
+    progress.bar.update(min(done, trials))
+    remaining = min(trials, _space_size(knobs)) - done
+    if remaining > 0:
+        space = ms.space_generator.ScheduleFn(knob_space_fn(task.template, knobs), sch_rules=[], postprocs=[],
+                                              mutator_probs={})
+        try:
+            ms.tune_tir(mod, target, str(work_dir), max_trials_global=remaining,
+                        num_trials_per_iter=min(remaining, 16), space=space, strategy="evolutionary",
+                        cost_model="random", database=database, builder=InProcessBuilder(), runner=runner,
+                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress])
+        except Exception:
+            if progress.stop["requested"]:
+                raise KeyboardInterrupt from None
+            raise
+    records = database.get_all_tuning_records()
+    best = min(records, key=_seconds, default=None)
+    if best is None or _seconds(best) >= 1e9:
+        return None
+    return {"knobs": knobs_of(best.trace, list(knobs)), "us": _seconds(best) * 1e6, "trials": len(records)}
+
+
+def verify(task: Task, target, knobs: dict):
+    """Build the kernel with `knobs` and check it against exact integer numpy results; raise if wrong."""
+    sch = s_tir.Schedule(task.func)
+    task.template.apply(sch, **knobs)
+    # (with_attr before scheduling would let the schedule rewrite task.func in place: TVM 0.27 moves it)
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
+    fixed, n, k = task.shape
+    rng = np.random.default_rng(n + k)
+    weights = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    for tokens in [fixed] if fixed is not None else [1, 13, 16]:
+        xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
+        args = [xq, np.ones(tokens, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(weights),
+                np.ones(n, np.float32), np.zeros((tokens, n), np.float32)]
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib(*tensors)
+        expected = (xq.astype(np.int64) @ weights.astype(np.int64).T).astype(np.float32)
+        if not np.array_equal(tensors[-1].numpy(), expected):
+            raise RuntimeError(f"{task.name} with knobs {knobs} computed wrong results at {tokens} tokens; "
+                               "the record was not kept")
+
+
+def verify_record(path, target) -> str:
+    """Check a saved record: rebuild its kernel from the key, confirm the key matches what compile
+    would compute for it, and verify the recorded knobs exactly. Returns the kernel's name."""
+    import json
+
+    record = json.loads(Path(path).read_text())
+    key = record["key"]
+    xq_dims, w_dims = key["args"][0].split("[")[1].rstrip("]").split(","), key["args"][3].split("[")[1].rstrip("]").split(",")
+    tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
+    func = ternary_ops.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]))
+    if kernel_key(func, target) != key:
+        raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
+    task = Task(func, tunable_template(func, target))
+    verify(task, target, record["knobs"])
+    return task.name
+
+
+def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = None, schedules=None,
+         only: str | None = None, runner=None, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+    """Tune every tunable kernel of the model for `target`; write one record per kernel; return a summary."""
+    spec = resolve_target(target)
+    head = head or default_head(load_config(model_dir).vocab_size)
+    check_head(head)
+    tasks = [t for t in extract_tasks(model_dir, spec, head) if not only or only in t.name]
+    if not tasks:
+        raise ValueError(f"no tunable kernels for target {spec.name}" + (f" match {only!r}" if only else "")
+                         + " (tunable: the ternary matmuls on targets with a tuning template)")
+    target_obj = tvm.target.Target(spec.tvm)
+    store = RecordStore(schedules, target_obj)
+    runner = runner or local_runner()
+    with stop_on_ctrl_c() as stop:
+        return [_tune_one(task, target_obj, store, trials, runner, progress, stop, stop_after) for task in tasks]
+
+
+def _tune_one(task: Task, target, store: RecordStore, trials, runner, progress, stop, stop_after) -> dict:
+    from tqdm import tqdm
+
+    work_dir = store.dir / ".tuning" / key_digest(kernel_key(task.func, target))
+    started = time.time()
+    with tqdm(total=trials, desc=task.name, unit="trial", disable=not progress) as bar:
+        best = search(task, target, work_dir, trials, runner, Progress(bar, stop, stop_after))
+    if best is None:
+        raise RuntimeError(f"{task.name}: no candidate built and ran; see the logs in {work_dir / 'logs'}")
+    verify(task, target, best["knobs"])
+    path = store.save(task.func, best["knobs"], {
+        "best_us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS,
+        "verified": "exact integer match against numpy", "seconds": round(time.time() - started, 1),
+        "tvm": tvm.__version__})
+    return {"kernel": task.name, **best, "record": str(path)}

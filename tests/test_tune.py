@@ -1,0 +1,97 @@
+"""Auto-tuning: records are keyed to exactly one kernel, every knob setting of the template is exact,
+a short tuning run writes records that the next compile applies, and an interrupted run resumes."""
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from bitcompile import records, schedule_x86, ternary_ops, tune
+from bitcompile.reference import ReferenceModel
+from bitcompile.checkpoint import load_checkpoint
+from bitcompile.targets import host_target
+
+TARGET = tvm.target.Target(host_target().tvm)
+needs_vnni = pytest.mark.skipif(not schedule_x86.has_vnni(TARGET), reason="the tunable template is the VNNI one; "
+                                "this CPU has no AVX-512 VNNI")
+
+
+def _task(tokens, n, k):
+    func = ternary_ops.ternary_matmul_func(tokens, n, k)
+    return tune.Task(func, schedule_x86.TERNARY_VNNI)
+
+
+@needs_vnni
+@pytest.mark.parametrize("tokens", [1, None], ids=["decode", "prefill"])
+def test_every_knob_setting_is_exact(tokens):
+    """verify() compares against integer numpy (prefill at 1, 13 and 16 tokens); it raises on any mismatch."""
+    task = _task(tokens, 128, 256)
+    space = task.template.space(tvm.s_tir.Schedule(task.func))
+    assert len(space["row_blocks"]) >= 3 and len(space["k_unroll"]) >= 2
+    for rb in space["row_blocks"]:
+        for ku in space["k_unroll"]:
+            tune.verify(task, TARGET, {"row_blocks": rb, "k_unroll": ku})
+
+
+@needs_vnni
+def test_verify_catches_a_wrong_kernel(monkeypatch):
+    task = _task(1, 64, 64)
+    broken = tune.Task(task.func, schedule_x86.Template(
+        lambda sch, **knobs: schedule_x86.schedule_ternary_matmul_vnni(sch, **knobs), task.template.space))
+    monkeypatch.setattr(tune, "pack_kernel", lambda t: np.zeros((t.shape[0] // 16, t.shape[1] // 16, 64), np.uint8))
+    with pytest.raises(RuntimeError, match="wrong results"):
+        tune.verify(broken, TARGET, {"row_blocks": 1, "k_unroll": 1})
+
+
+def test_a_record_only_matches_its_own_kernel(tmp_path):
+    store = records.RecordStore(tmp_path, TARGET)
+    mine, other_shape = ternary_ops.ternary_matmul_func(1, 64, 128), ternary_ops.ternary_matmul_func(1, 64, 256)
+    path = store.save(mine, {"row_blocks": 2, "k_unroll": 1}, {})
+    assert store.lookup(mine) == {"row_blocks": 2, "k_unroll": 1}
+    assert store.lookup(other_shape) is None
+    assert store.lookup(ternary_ops.ternary_matmul_func(None, 64, 128)) is None  # prefill, same n x k
+    other_cpu = records.RecordStore(tmp_path, tvm.target.Target({**host_target().tvm, "mcpu": "haswell"}))
+    assert other_cpu.lookup(mine) is None
+    saved = json.loads(path.read_text())  # a record whose key was written for another template version
+    saved["key"]["template"] += 1
+    path.write_text(json.dumps(saved))
+    assert store.lookup(mine) is None
+    assert len(store.hits) == 1 and len(store.misses) == 3
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_tuning_writes_records_that_compile_applies_and_an_interrupted_run_resumes(checkpoints, tmp_path):
+    import bitcompile
+
+    model, schedules = checkpoints["autobitlinear"], tmp_path / "schedules"
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune(model, trials=4, schedules=schedules, only="decode 64x64", progress=False, stop_after=2)
+    store = records.RecordStore(schedules, TARGET)
+    assert not list(store.dir.glob("*.json")), "an interrupted kernel must not leave a record"
+    (work_dir,) = (store.dir / ".tuning").iterdir()
+    measured_before = len((work_dir / "database_tuning_record.json").read_text().splitlines())
+    assert measured_before >= 2
+
+    (row,) = tune.tune(model, trials=4, schedules=schedules, only="decode 64x64", progress=False)
+    assert row["trials"] == 4  # resumed: the earlier measurements count
+    (record_path,) = store.dir.glob("*.json")
+    assert json.loads(record_path.read_text())["knobs"] == row["knobs"]
+
+    art = bitcompile.compile(model, output=tmp_path / "tuned.bitc", progress=False, schedules=schedules)
+    used = json.loads((art / "manifest.json").read_text())["schedules"]
+    assert len(used["tuned"]) == 1 and "int8[1,64]" in used["tuned"][0]
+    ids = np.random.default_rng(3).integers(0, 256, 24).tolist()
+    got, want = bitcompile.load(art).logits(ids), ReferenceModel(load_checkpoint(model)).logits(ids)
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+
+
+@needs_vnni
+def test_committed_records_verify_exactly():
+    store = records.RecordStore(None, TARGET)
+    paths = sorted(store.dir.glob("*.json"))
+    if not paths:
+        pytest.skip(f"no committed tuning records for this machine's target ({store.dir.name})")
+    for path in paths:
+        tune.verify_record(path, TARGET)
