@@ -86,7 +86,7 @@ def cmd_tune(args):
     if args.trials < 1:
         raise ValueError("--trials must be at least 1")
     for row in tune(args.model, target=args.target, trials=args.trials, head=args.head, schedules=args.schedules,
-                    only=args.kernel):
+                    only=args.kernel, threads=args.threads):
         knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
         print(f"{row['kernel']:36s} {row['us']:9.1f} us  {knobs:26s} ({row['trials']} trials) -> {row['record']}")
 
@@ -218,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--kernel", metavar="TEXT", help="tune only kernels whose name contains TEXT, "
                                                    "e.g. decode or 2560x6912")
     u.add_argument("--schedules", metavar="DIR", help="records folder (default: the committed schedules/)")
+    u.add_argument("--threads", type=int, help="threads that time each candidate (default: all cores)")
     u.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="generate text from an artifact or a checkpoint",

@@ -17,6 +17,7 @@ run keeps it, and a rerun counts the trials measured there and runs only the res
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -167,8 +168,13 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def local_runner():
-    config = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=True)
+def local_runner(threads: int):
+    """Time each candidate alone, caches flushed before every run (number=1): the model's weights
+    never fit in cache, so a warm-cache timing would rank knobs for the wrong bottleneck. Worker
+    processes inherit TVM_NUM_THREADS: measure with the threads the model will run with (TVM's own
+    default in a fresh process can be a single thread)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    config = ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
     return ms.runner.LocalRunner(evaluator_config=config)
 
 
@@ -190,8 +196,9 @@ def search(task: Task, target, work_dir: Path, trials: int, runner, progress: Pr
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))  # one kernel per work dir
     done = len(database.get_all_tuning_records())
-    progress.bar.update(min(done, trials))
-    remaining = min(trials, _space_size(knobs)) - done
+    progress.bar.total = min(trials, _space_size(knobs))  # small spaces are measured whole
+    progress.bar.update(min(done, progress.bar.total))
+    remaining = progress.bar.total - done
     if remaining > 0:
         space = ms.space_generator.ScheduleFn(knob_space_fn(task.template, knobs), sch_rules=[], postprocs=[],
                                               mutator_probs={})
@@ -250,8 +257,10 @@ def verify_record(path, target) -> str:
 
 
 def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = None, schedules=None,
-         only: str | None = None, runner=None, progress: bool = True, stop_after: int | None = None) -> list[dict]:
-    """Tune every tunable kernel of the model for `target`; write one record per kernel; return a summary."""
+         only: str | None = None, runner=None, progress: bool = True, stop_after: int | None = None,
+         threads: int | None = None) -> list[dict]:
+    """Tune every tunable kernel of the model for `target`; write one record per kernel; return a summary.
+    `threads`: how many threads time each candidate (default: all cores, as the runtime uses)."""
     spec = resolve_target(target)
     head = head or default_head(load_config(model_dir).vocab_size)
     check_head(head)
@@ -261,12 +270,14 @@ def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = N
                          + " (tunable: the ternary matmuls on targets with a tuning template)")
     target_obj = tvm.target.Target(spec.tvm)
     store = RecordStore(schedules, target_obj)
-    runner = runner or local_runner()
+    threads = threads or os.cpu_count() or 1
+    runner = runner or local_runner(threads)
     with stop_on_ctrl_c() as stop:
-        return [_tune_one(task, target_obj, store, trials, runner, progress, stop, stop_after) for task in tasks]
+        return [_tune_one(task, target_obj, store, trials, runner, progress, stop, stop_after, threads)
+                for task in tasks]
 
 
-def _tune_one(task: Task, target, store: RecordStore, trials, runner, progress, stop, stop_after) -> dict:
+def _tune_one(task: Task, target, store: RecordStore, trials, runner, progress, stop, stop_after, threads) -> dict:
     from tqdm import tqdm
 
     work_dir = store.dir / ".tuning" / key_digest(kernel_key(task.func, target))
@@ -277,7 +288,7 @@ def _tune_one(task: Task, target, store: RecordStore, trials, runner, progress, 
         raise RuntimeError(f"{task.name}: no candidate built and ran; see the logs in {work_dir / 'logs'}")
     verify(task, target, best["knobs"])
     path = store.save(task.func, best["knobs"], {
-        "best_us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS,
+        "best_us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS, "threads": threads,
         "verified": "exact integer match against numpy", "seconds": round(time.time() - started, 1),
         "tvm": tvm.__version__})
     return {"kernel": task.name, **best, "record": str(path)}
