@@ -186,9 +186,12 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
 
 def ternary_matmul_rule(target):
     """The best ternary matmul schedule this target supports."""
+    from .schedule_arm import arm_ternary_matmul_rule
     from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
 
-    return schedule_ternary_matmul_vnni if has_vnni(target) else schedule_ternary_matmul
+    if has_vnni(target):
+        return schedule_ternary_matmul_vnni
+    return arm_ternary_matmul_rule(target) or schedule_ternary_matmul
 
 
 class TernaryRules(ScheduleRule):

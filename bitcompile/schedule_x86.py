@@ -63,14 +63,15 @@ def _dot_16x4_vnni(
         )
 
 
-def _register():
+def register_intrin(name: str, desc, impl):
+    """Register a TensorIntrin once (a module imported twice must not register it again)."""
     try:
-        TensorIntrin.get(VNNI_16x4)
+        TensorIntrin.get(name)
     except (ValueError, Exception):  # not registered yet
-        TensorIntrin.register(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
+        TensorIntrin.register(name, desc, impl)
 
 
-_register()
+register_intrin(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
 
 
 def has_vnni(target) -> bool:
@@ -94,14 +95,16 @@ DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2
 
 
-def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = None):
-    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI."""
+def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = None, intrin: str = VNNI_16x4):
+    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI.
+
+    `intrin`: any TensorIntrin with _dot_16x4_desc's description (schedule_arm's sdot uses this nest)."""
     acc = sch.get_sblock("acc")
     prefill = _has_blocks(sch, "x_pad")
     preferred = row_blocks or (PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS)
     row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
     if prefill:
-        return _schedule_prefill(sch, row_blocks)
+        return _schedule_prefill(sch, row_blocks, intrin)
     y, codes = sch.get_sblock("y"), sch.get_sblock("codes")
     i, n, k = sch.get_loops(acc)
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
@@ -113,7 +116,7 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks: int | None = N
     sch.reverse_compute_inline(y)  # y = (acc - sum) / s * multiplier straight from the accumulators
     _unpack_in_registers(sch, codes, nbi)
     sch.decompose_reduction(acc, kb)
-    sch.tensorize(r, VNNI_16x4)
+    sch.tensorize(r, intrin)
     sch.unroll(nbi)
     sch.unroll(j)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
@@ -125,7 +128,7 @@ def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
     sch.vectorize(sch.get_loops(codes)[-1])
 
 
-def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
+def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int, intrin: str = VNNI_16x4):
     """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
     from .ternary_ops import M_TILE
 
@@ -140,7 +143,7 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks: int):
     sch.reverse_compute_at(writeback, mo)
     _unpack_in_registers(sch, codes, nbi)
     sch.decompose_reduction(acc, kb)
-    sch.tensorize(r, VNNI_16x4)
+    sch.tensorize(r, intrin)
     sch.unroll(nbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     pi, pk = sch.get_loops(pad)
