@@ -15,6 +15,7 @@ from . import __version__
 from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
 from .atomic import atomic_directory
 from .checkpoint import load_checkpoint
+from .cross import linker_for
 from .head import check_head, default_head
 from .model import BitNetForCausalLM
 from .packing import KERNEL_LAYOUT
@@ -65,6 +66,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
 
     `head`: lm_head storage ("bf16", "int8", "f32"; see head.py); default int8 for large vocabularies."""
     spec = resolve_target(target)
+    fcompile = linker_for(spec)  # checks the target's toolchain before any work
     if head is not None:
         check_head(head)
     model_dir = Path(model_dir)
@@ -86,7 +88,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         target_obj, mod, param_order = build_graph(ckpt, spec, head)
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
             executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj))
-            executable.export_library(str(tmp / LIBRARY))
+            executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
             bar.update()
         with tqdm(total=len(param_order), desc="write parameters", unit="tensor", disable=not progress) as bar:
             def counted(items):
