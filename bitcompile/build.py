@@ -15,6 +15,7 @@ from . import __version__
 from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
 from .atomic import atomic_directory
 from .checkpoint import load_checkpoint
+from .cross import linker_for
 from .head import check_head, default_head
 from .model import BitNetForCausalLM
 from .packing import KERNEL_LAYOUT
@@ -70,6 +71,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
     `schedules`: folder of tuning records (default: the committed schedules/); kernels without a
     matching record get the default schedule."""
     spec = resolve_target(target)
+    fcompile = linker_for(spec)  # checks the target's toolchain before any work
     if head is not None:
         check_head(head)
     model_dir = Path(model_dir)
@@ -92,7 +94,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
             records = RecordStore(schedules, target_obj)
             executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj, records))
-            executable.export_library(str(tmp / LIBRARY))
+            executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
             bar.update()
         say(records.summary())
         with tqdm(total=len(param_order), desc="write parameters", unit="tensor", disable=not progress) as bar:

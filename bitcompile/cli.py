@@ -75,8 +75,10 @@ def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) 
 
 def cmd_compile(args):
     from .build import compile_model
+    from .targets import resolve_target
 
-    compile_model(args.model, target=args.target, output=args.output, overwrite=args.force, head=args.head,
+    target = resolve_target(args.target, cpu=args.cpu, features=args.features)
+    compile_model(args.model, target=target, output=args.output, overwrite=args.force, head=args.head,
                   schedules=args.schedules)
 
 
@@ -172,11 +174,14 @@ def cmd_export_onnx(args):
 
 
 def cmd_targets(args):
+    from .cross import build_status
     from .targets import preset_names, resolve_target
 
     for name in preset_names():
         spec = resolve_target(name)
-        print(f"{name:16s} {spec.arch:8s} {spec.device:5s} {spec.description}")
+        print(f"{name:14s} {spec.arch:7s} {spec.description}\n{'':14s} {'':7s} build: {build_status(spec)}")
+    print("\nor a triple with a CPU and features: bitcompile compile MODEL --target aarch64-linux-gnu "
+          "--cpu cortex-a76 --features +dotprod")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,7 +195,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Compile a checkpoint directory (config.json, model.safetensors, tokenizer.json) "
                                    "into one self-contained artifact directory for a target.")
     c.add_argument("model", help="checkpoint directory")
-    c.add_argument("--target", "-t", default="host", help="target preset (see `bitcompile targets`; default: host)")
+    c.add_argument("--target", "-t", default="host",
+                   help="target preset or triple (see `bitcompile targets`; default: host)")
+    c.add_argument("--cpu", help="LLVM CPU name replacing the target's (e.g. cortex-a76)")
+    c.add_argument("--features", help="LLVM features added to the target's, comma-separated (e.g. +dotprod,+i8mm)")
     c.add_argument("--output", "-o", help="artifact directory to write (default: MODEL-TARGET.bitc)")
     c.add_argument("--head", choices=["bf16", "int8", "q4", "f32"],
                    help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), "
@@ -283,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace an existing file")
     x.set_defaults(func=cmd_export_onnx)
 
-    t = sub.add_parser("targets", help="list the target presets")
+    t = sub.add_parser("targets", help="list the target presets and what building for each needs installed")
     t.set_defaults(func=cmd_targets)
     return p
 

@@ -201,16 +201,22 @@ class Template:
 def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
     if _op_name(func) != "ternary_matmul":
         return None
+    from .schedule_arm import TERNARY_SDOT, has_dotprod
     from .schedule_x86 import TERNARY_VNNI, has_vnni
 
-    return TERNARY_VNNI if has_vnni(target) else None
+    if has_vnni(target):
+        return TERNARY_VNNI
+    return TERNARY_SDOT if has_dotprod(target) else None
 
 
 def ternary_matmul_rule(target):
     """The best ternary matmul schedule this target supports."""
+    from .schedule_arm import arm_ternary_matmul_rule
     from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
 
-    return schedule_ternary_matmul_vnni if has_vnni(target) else schedule_ternary_matmul
+    if has_vnni(target):
+        return schedule_ternary_matmul_vnni
+    return arm_ternary_matmul_rule(target) or schedule_ternary_matmul
 
 
 class TernaryRules(ScheduleRule):

@@ -63,14 +63,15 @@ def _dot_16x4_vnni(
         )
 
 
-def _register():
+def register_intrin(name: str, desc, impl):
+    """Register a TensorIntrin once (a module imported twice must not register it again)."""
     try:
-        TensorIntrin.get(VNNI_16x4)
+        TensorIntrin.get(name)
     except (ValueError, Exception):  # not registered yet
-        TensorIntrin.register(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
+        TensorIntrin.register(name, desc, impl)
 
 
-_register()
+register_intrin(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
 
 
 def has_vnni(target) -> bool:
@@ -94,18 +95,19 @@ DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2
 
 
-def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1):
+def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4):
     """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI.
 
     Knobs (ints, or a tuner's sampled variables): `row_blocks` independent 16-row accumulators per task,
-    `k_unroll` blocks of 16 inputs per unrolled step."""
+    `k_unroll` blocks of 16 inputs per unrolled step. `intrin`: any TensorIntrin with _dot_16x4_desc's
+    description (schedule_arm's sdot uses this nest)."""
     acc = sch.get_sblock("acc")
     prefill = _has_blocks(sch, "x_pad")
     if row_blocks is None:
         preferred = PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS
         row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
     if prefill:
-        return _schedule_prefill(sch, row_blocks, k_unroll)
+        return _schedule_prefill(sch, row_blocks, k_unroll, intrin)
     y, codes = sch.get_sblock("y"), sch.get_sblock("codes")
     i, n, k = sch.get_loops(acc)
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
@@ -117,23 +119,27 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=
     sch.reverse_compute_inline(y)  # y = (acc - sum) / s * multiplier straight from the accumulators
     _unpack_in_registers(sch, codes, nbi)
     sch.decompose_reduction(acc, kbo)
-    sch.tensorize(r, VNNI_16x4)
+    sch.tensorize(r, intrin)
     for loop in (nbi, j, kbi):
         sch.unroll(loop)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
 
 
-def ternary_vnni_space(sch: s_tir.Schedule) -> dict:
-    """Candidates for each knob of schedule_ternary_matmul_vnni on this kernel (divisors only: a
-    remainder would put a predicate on the tensorized block). Prefill keeps 8 tokens of accumulators
-    per row block, so it gets fewer row blocks before the registers run out."""
-    _, n, k = sch.get_loops(sch.get_sblock("acc"))
-    row_blocks, k_blocks = int(sch.get(n).extent) // 16, int(sch.get(k).extent) // 16
-    prefill = _has_blocks(sch, "x_pad")
-    return {
-        "row_blocks": [d for d in ((1, 2, 4) if prefill else (1, 2, 4, 8, 16)) if row_blocks % d == 0],
-        "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],
-    }
+def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 4)):
+    """The knob space of the ternary loop nest for one kernel: candidates that divide its extents
+    (a remainder would put a predicate on the tensorized block). Prefill keeps M_TILE tokens of
+    accumulators per row block, so it gets fewer row blocks before the registers run out."""
+
+    def space(sch: s_tir.Schedule) -> dict:
+        _, n, k = sch.get_loops(sch.get_sblock("acc"))
+        row_blocks, k_blocks = int(sch.get(n).extent) // 16, int(sch.get(k).extent) // 16
+        prefill = _has_blocks(sch, "x_pad")
+        return {
+            "row_blocks": [d for d in (prefill_row_blocks if prefill else decode_row_blocks) if row_blocks % d == 0],
+            "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],
+        }
+
+    return space
 
 
 def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
@@ -142,7 +148,7 @@ def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
     sch.vectorize(sch.get_loops(codes)[-1])
 
 
-def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll):
+def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = VNNI_16x4):
     """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
     from .ternary_ops import M_TILE
 
@@ -157,7 +163,7 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll):
     sch.reverse_compute_at(writeback, mo)
     _unpack_in_registers(sch, codes, nbi)
     sch.decompose_reduction(acc, kbo)
-    sch.tensorize(r, VNNI_16x4)
+    sch.tensorize(r, intrin)
     sch.unroll(nbi)
     sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
@@ -224,4 +230,4 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
     scale_logits(sch, out)
 
 
-TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_vnni_space)
+TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space())

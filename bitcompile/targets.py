@@ -1,15 +1,19 @@
 """Target descriptions: what a compiled artifact is for (TVM target, machine, CPU features it needs).
 
-Presets are data in targets/*.json; "host" is this machine, read from LLVM. The runtime checks an
-artifact's `requires` against the machine it runs on (no compiler needed: /proc/cpuinfo).
+Presets are data in targets/*.json (TVM target, machine, CPU features, toolchain to link with, device
+facts); "host" is this machine, read from LLVM; a plain triple borrows the toolchain of the preset with
+that triple. Toolchains are cross.py's business. The runtime checks an artifact's `requires` against
+the machine it runs on (no compiler needed: /proc/cpuinfo, or AT_HWCAP on ARM).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
 import platform
+import struct
 from pathlib import Path
 
 # LLVM feature name -> the flag Linux prints in /proc/cpuinfo, for the ISA extensions code may use.
@@ -23,18 +27,37 @@ X86_FEATURE_FLAGS = {
 }
 
 
+# LLVM feature name -> the name Linux gives it (/proc/cpuinfo "Features", AT_HWCAP), for the ARM
+# extensions generated code may use. Presets list their `cpu_features`; for ARM the features LLVM
+# enables for the target's cpu and mattr are added, so `--cpu cortex-a76` alone still requires asimddp.
+AARCH64_FEATURE_FLAGS = {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "fullfp16": "asimdhp",
+                         "sve": "sve", "bf16": "bf16"}
+ARM32_FEATURE_FLAGS = {"neon": "neon", "vfp4": "vfpv4", "d32": "vfpd32"}
+# Bit positions of those names in the kernel's AT_HWCAP / AT_HWCAP2 (asm/hwcap.h). The auxiliary
+# vector is what the kernel, or qemu-user, says this process may use; under qemu-user /proc/cpuinfo
+# describes the host CPU instead.
+AARCH64_HWCAP = {"fp": 0, "asimd": 1, "aes": 3, "pmull": 4, "sha1": 5, "sha2": 6, "crc32": 7, "atomics": 8,
+                 "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22, "asimdfhm": 23}
+AARCH64_HWCAP2 = {"sve2": 1, "i8mm": 13, "bf16": 14}
+ARM32_HWCAP = {"half": 1, "thumb": 2, "fastmult": 4, "vfp": 6, "edsp": 7, "neon": 12, "vfpv3": 13, "tls": 15,
+               "vfpv4": 16, "idiva": 17, "idivt": 18, "vfpd32": 19, "lpae": 20}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+
+
 class TargetError(ValueError):
-    """Unknown target name, or an artifact that cannot run on this machine."""
+    """Unknown target name, a target this installation cannot build, or an artifact that cannot run here."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
     name: str
     tvm: dict  # the TVM target dict
-    arch: str  # platform.machine() of the machine that runs it
+    arch: str  # platform.machine() of the machine that runs it ("armv7l" for 32-bit ARM userlands)
     device: str  # "cpu" or "cuda"
     cpu_features: tuple[str, ...]  # /proc/cpuinfo flags the code needs
     description: str = ""
+    toolchain: dict | None = None  # how to link model.so (cross.py); None: this machine's C compiler
+    runtime: dict = dataclasses.field(default_factory=dict)  # facts about the device: page_size, dotprod, i8mm
 
     def requires(self) -> dict:
         return {"arch": self.arch, "device": self.device, "cpu_features": list(self.cpu_features)}
@@ -63,18 +86,102 @@ def host_target(num_cores: int | None = None) -> TargetSpec:
     return TargetSpec("host", tvm_target, platform.machine(), "cpu", tuple(flags), f"this machine ({cpu})")
 
 
-def resolve_target(name: str) -> TargetSpec:
-    if name == "host":
-        return host_target()
-    path = _preset_dir() / f"{name}.json"
-    if not path.is_file():
-        raise TargetError(f"unknown target {name!r}; known targets: {', '.join(preset_names())}")
-    raw = json.loads(path.read_text())
+def _load_preset(name: str) -> TargetSpec:
+    raw = json.loads((_preset_dir() / f"{name}.json").read_text())
     return TargetSpec(raw.get("name", name), raw["tvm"], raw["arch"], raw.get("device", "cpu"),
-                      tuple(raw.get("cpu_features", [])), raw.get("description", ""))
+                      tuple(raw.get("cpu_features", [])), raw.get("description", ""), raw.get("toolchain"),
+                      raw.get("runtime", {}))
 
 
-def machine_cpu_flags() -> set[str]:
+def _triple(tvm_target: dict) -> str:
+    return tvm_target.get("mtriple", "").replace("-unknown-", "-")
+
+
+def _preset_for_triple(triple: str) -> TargetSpec | None:
+    """The first preset compiled for `triple`: a plain triple borrows its toolchain and runtime facts."""
+    presets = [_load_preset(n) for n in preset_names()[1:]]
+    return next((p for p in presets if p.device == "cpu" and _triple(p.tvm) == triple.replace("-unknown-", "-")),
+                None)
+
+
+def _unknown(name: str) -> TargetError:
+    triples = sorted({_triple(_load_preset(n).tvm) for n in preset_names()[1:]} - {""})
+    return TargetError(f"unknown target {name!r}; known targets: {', '.join(preset_names())} "
+                       f"(or a triple with --cpu/--features: {', '.join(triples)})")
+
+
+def resolve_target(name: str | TargetSpec, cpu: str | None = None, features: str | None = None) -> TargetSpec:
+    """A preset name, "host", or a plain LLVM triple (aarch64-linux-gnu, …), with an optional CPU and
+    feature list ("+dotprod,+i8mm") replacing the preset's."""
+    if isinstance(name, TargetSpec):
+        spec = name
+    elif name == "host":
+        spec = host_target()
+    elif (_preset_dir() / f"{name}.json").is_file():
+        spec = _load_preset(name)
+    elif (base := _preset_for_triple(name)) is not None:
+        spec = dataclasses.replace(base, name=name, description=f"{name} (from preset {base.name})")
+    else:
+        raise _unknown(name)
+    if cpu or features:
+        spec = _with_cpu(spec, cpu, features)
+    return dataclasses.replace(spec, cpu_features=_required_flags(spec)) if spec.arch != "x86_64" else spec
+
+
+def _with_cpu(spec: TargetSpec, cpu: str | None, features: str | None) -> TargetSpec:
+    from tvm.target import codegen
+
+    tvm_target = dict(spec.tvm)
+    if cpu:
+        if not codegen.llvm_is_valid_cpu(cpu, tvm_target.get("mtriple", "")):
+            raise TargetError(f"LLVM does not know the CPU {cpu!r} for {tvm_target.get('mtriple')}; "
+                              "use an LLVM -mcpu name such as cortex-a72, cortex-a76, cortex-a78")
+        tvm_target["mcpu"] = cpu
+    if features:
+        attrs = [f.strip() for f in features.split(",") if f.strip()]
+        bad = [f for f in attrs if f[0] not in "+-"]
+        if bad:
+            raise TargetError(f"--features {features!r}: each feature needs a + or - sign, e.g. +dotprod,+i8mm")
+        tvm_target["mattr"] = list(tvm_target.get("mattr", [])) + attrs
+    return dataclasses.replace(spec, tvm=tvm_target)
+
+
+def _required_flags(spec: TargetSpec) -> tuple[str, ...]:
+    """The preset's cpu_features plus every ARM extension LLVM enables for this cpu and mattr."""
+    from tvm.target import Target, codegen
+
+    table = AARCH64_FEATURE_FLAGS if spec.arch == "aarch64" else ARM32_FEATURE_FLAGS
+    enabled = set(map(str, codegen.llvm_get_cpu_features(Target(spec.tvm))))
+    return tuple(sorted(set(spec.cpu_features) | {flag for f, flag in table.items() if f in enabled}))
+
+
+def machine_arch() -> str:
+    """platform.machine(), except that a 32-bit ARM userland says armv7l (on a 64-bit kernel too)."""
+    machine = platform.machine()
+    if machine in ("aarch64", "arm64", "armv8l") and struct.calcsize("P") == 4:
+        return "armv7l"
+    return machine
+
+
+def _auxval(key: int) -> int:
+    """getauxval(key) from libc; 0 where unknown."""
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return 0
+    getauxval.restype = ctypes.c_ulong
+    getauxval.argtypes = [ctypes.c_ulong]
+    return getauxval(key)
+
+
+def _hwcap_flags() -> set[str]:
+    """ARM: the feature names set in this process's AT_HWCAP/AT_HWCAP2."""
+    tables = ([(AT_HWCAP, AARCH64_HWCAP), (AT_HWCAP2, AARCH64_HWCAP2)] if machine_arch() == "aarch64"
+              else [(AT_HWCAP, ARM32_HWCAP)])
+    return {name for key, bits in tables for name, bit in bits.items() if _auxval(key) >> bit & 1}
+
+
+def _cpuinfo_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -86,9 +193,17 @@ def machine_cpu_flags() -> set[str]:
     return set()
 
 
+def machine_cpu_flags() -> set[str]:
+    """CPU features of this machine as Linux names them. ARM: the auxiliary vector first (right under
+    qemu-user too), /proc/cpuinfo where it says nothing."""
+    if machine_arch().startswith(("aarch64", "arm")):
+        return _hwcap_flags() or _cpuinfo_flags()
+    return _cpuinfo_flags()
+
+
 def check_runnable(requires: dict, target_name: str):
     """Raise TargetError unless this machine can run code built with `requires`."""
-    arch = platform.machine()
+    arch = machine_arch()
     if requires.get("arch") != arch:
         raise TargetError(
             f"this artifact was compiled for target '{target_name}' ({requires.get('arch')}), "

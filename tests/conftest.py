@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from bitcompile.synth import write_checkpoint
@@ -26,3 +28,36 @@ def engine(artifacts):
     import bitcompile
 
     return bitcompile.load(artifacts["autobitlinear"])
+
+
+def require(ok: bool, reason: str):
+    """Skip a test whose tools are missing here; in CI (CI=1 or BITCOMPILE_REQUIRE_QEMU=1) fail instead,
+    so the cross-compile and qemu tests can never be skipped silently there."""
+    if ok:
+        return
+    if os.environ.get("CI") or os.environ.get("BITCOMPILE_REQUIRE_QEMU"):
+        pytest.fail(f"{reason} (CI must run this test: .ci/run sets it up)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cross_build(checkpoints, tmp_path_factory):
+    """The tiny checkpoint compiled for a target preset, once per session: cross_build("rpi5") -> path."""
+    import bitcompile
+    from bitcompile.cross import linker_for
+    from bitcompile.targets import TargetError, resolve_target
+
+    root = tmp_path_factory.mktemp("cross")
+    built = {}
+
+    def build(target: str):
+        if target not in built:
+            try:
+                linker_for(resolve_target(target))
+            except TargetError as e:
+                require(False, str(e))
+            built[target] = bitcompile.compile(checkpoints["autobitlinear"], target=target,
+                                               output=root / f"{target}.bitc", progress=False)
+        return built[target]
+
+    return build
