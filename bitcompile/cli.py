@@ -88,7 +88,7 @@ def cmd_tune(args):
     if args.trials < 1:
         raise ValueError("--trials must be at least 1")
     for row in tune(args.model, target=args.target, trials=args.trials, head=args.head, schedules=args.schedules,
-                    only=args.kernel, threads=args.threads):
+                    only=args.kernel, threads=args.threads, rpc=args.rpc, key=args.key):
         knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
         print(f"{row['kernel']:36s} {row['us']:9.1f} us  {knobs:26s} ({row['trials']} trials) -> {row['record']}")
 
@@ -226,7 +226,10 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--kernel", metavar="TEXT", help="tune only kernels whose name contains TEXT, "
                                                    "e.g. decode or 2560x6912")
     u.add_argument("--schedules", metavar="DIR", help="records folder (default: the committed schedules/)")
-    u.add_argument("--threads", type=int, help="threads that time each candidate (default: all cores)")
+    u.add_argument("--threads", type=int, help="threads that time each candidate here (default: all cores)")
+    u.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker of the device to tune on (see README: "
+                                                      "tuning on a Raspberry Pi); candidates are cross-linked here")
+    u.add_argument("--key", help="the device's key at the tracker (with --rpc)")
     u.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="generate text from an artifact or a checkpoint",

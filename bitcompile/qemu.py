@@ -54,11 +54,26 @@ def run_python(script: str, args: list[str], artifacts: dict[str, Path], cpu: st
         for name, path in artifacts.items():
             shutil.copytree(path, work / name)
         inside = f"/tmp/{work.name}"
-        env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"/opt/site:{inside}",
-               "TVM_USE_RUNTIME_LIB": "1", "LANG": "C.UTF-8", **({"QEMU_CPU": cpu} if cpu else {})}
-        cmd = [shutil.which("chroot") or "/usr/sbin/chroot", str(root), "python3", "-c", script,
-               *(a.format(work=inside) for a in args)]
+        cmd, env = chroot_python(["-c", script, *(a.format(work=inside) for a in args)], cpu, inside)
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         return out, {name: (work / name).read_bytes() for name in results if (work / name).is_file()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def chroot_python(args: list[str], cpu: str | None = None, path: str = "") -> tuple[list[str], dict]:
+    """(command, environment) that runs `python3 ARGS` in the sysroot with the runtime-only TVM."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": ":".join(filter(None, ["/opt/site", path])),
+           "TVM_USE_RUNTIME_LIB": "1", "LANG": "C.UTF-8", **({"QEMU_CPU": cpu} if cpu else {})}
+    return [shutil.which("chroot") or "/usr/sbin/chroot", str(sysroot_dir()), "python3", *args], env
+
+
+def start_rpc_server(tracker: str, key: str, port: int = 9090, cpu: str | None = None) -> subprocess.Popen:
+    """TVM's own RPC server in the sysroot, registered at `tracker` under `key`: an emulated device for
+    `bitcompile tune --rpc`. It runs in its own process group (its forked worker keeps the port):
+    stop it with os.killpg(proc.pid, signal.SIGTERM)."""
+    cmd, env = chroot_python(["-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                              "--port-end", str(port + 1),
+                              "--tracker", tracker, "--key", key,
+                              "--load-library", "/opt/site/tvm/lib/libtvm_runtime_extra.so"], cpu)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from tvm.s_tir import meta_schedule as ms
 from . import ternary_ops
 from .build import build_graph
 from .config import load_config
+from .cross import linker_for
 from .head import check_head, default_head
 from .packing import pack_kernel
 from .records import RecordStore, key_digest, kernel_key
@@ -103,6 +105,13 @@ def knobs_of(trace, names: list[str]) -> dict:
     return dict(zip(names, values, strict=True))
 
 
+def export_kernel(lib, fcompile=None) -> Path:
+    """Link a compiled kernel into a shared library (fcompile: the target's cross linker)."""
+    path = Path(tempfile.mkdtemp(prefix="bitcompile-tune-")) / "kernel.so"
+    lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))
+    return path
+
+
 @derived_object
 class InProcessBuilder(ms.builder.PyBuilder):
     """Compile candidates here: a small kernel builds in ~1 s, a fresh builder process costs ~15 s."""
@@ -115,9 +124,7 @@ class InProcessBuilder(ms.builder.PyBuilder):
         results = []
         for item in build_inputs:
             try:
-                lib = tvm.compile(item.mod, target=item.target)
-                path = Path(tempfile.mkdtemp(prefix="bitcompile-tune-")) / "kernel.so"
-                lib.export_library(str(path), fcompile=self.export) if self.export else lib.export_library(str(path))
+                path = export_kernel(tvm.compile(item.mod, target=item.target), self.export)
                 results.append(ms.builder.BuilderResult(str(path), None))
             except Exception as err:  # a candidate that does not build is a failed trial, not a failed run
                 results.append(ms.builder.BuilderResult(None, f"build failed: {err}"))
@@ -168,16 +175,6 @@ def stop_on_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
-def local_runner(threads: int):
-    """Time each candidate alone, caches flushed before every run (number=1): the model's weights
-    never fit in cache, so a warm-cache timing would rank knobs for the wrong bottleneck. Worker
-    processes inherit TVM_NUM_THREADS: measure with the threads the model will run with (TVM's own
-    default in a fresh process can be a single thread)."""
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    config = ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
-    return ms.runner.LocalRunner(evaluator_config=config)
-
-
 def _seconds(record) -> float:
     """Median measured time; failed builds and runs are stored as 1e10 s or without times."""
     secs = [float(s) for s in record.run_secs or []]
@@ -188,7 +185,7 @@ def _space_size(knobs: dict) -> int:
     return int(np.prod([len(v) for v in knobs.values()]))
 
 
-def search(task: Task, target, work_dir: Path, trials: int, runner, progress: Progress) -> dict | None:
+def search(task: Task, target, work_dir: Path, trials: int, device: Device, runner, progress: Progress) -> dict | None:
     """Run MetaSchedule until the kernel's database holds `trials` measurements (or the whole space);
     return the best knobs."""
     mod = tvm.IRModule({"main": task.measured_func()})
@@ -205,7 +202,8 @@ def search(task: Task, target, work_dir: Path, trials: int, runner, progress: Pr
         try:
             ms.tune_tir(mod, target, str(work_dir), max_trials_global=remaining,
                         num_trials_per_iter=min(remaining, 16), space=space, strategy="evolutionary",
-                        cost_model="random", database=database, builder=InProcessBuilder(), runner=runner,
+                        cost_model="random", database=database, builder=InProcessBuilder(device.export),
+                        runner=runner,
                         measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress])
         except Exception:
             if progress.stop["requested"]:
@@ -218,8 +216,59 @@ def search(task: Task, target, work_dir: Path, trials: int, runner, progress: Pr
     return {"knobs": knobs_of(best.trace, list(knobs)), "us": _seconds(best) * 1e6, "trials": len(records)}
 
 
-def verify(task: Task, target, knobs: dict):
-    """Build the kernel with `knobs` and check it against exact integer numpy results; raise if wrong."""
+class Device:
+    """Where kernels run: this machine, or a device behind a TVM RPC tracker (`--rpc HOST:PORT --key`).
+    Libraries are linked for the target (cross-linked for a device) and loaded there."""
+
+    def __init__(self, export=None, tracker: str | None = None, key: str | None = None):
+        self.export, self.tracker, self.key = export, tracker, key
+        if tracker:
+            parse_address(tracker)
+
+    @contextlib.contextmanager
+    def load(self, lib):
+        """Yield (module, device) for `lib` on the device. A remote session is held only inside the
+        block: an RPC server serves one session at a time, and the tuner's runner needs it too."""
+        path = export_kernel(lib, self.export)
+        if self.tracker is None:
+            yield tvm.runtime.load_module(str(path)), tvm.cpu()
+            return
+        from tvm import rpc
+
+        host, port = parse_address(self.tracker)
+        session = rpc.connect_tracker(host, port).request(self.key, session_timeout=600)
+        session.upload(str(path))
+        yield session.load_module(path.name), session.cpu()
+
+    @property
+    def name(self) -> str:
+        return f"the RPC device {self.key!r} at {self.tracker}" if self.tracker else "this machine"
+
+    def runner(self, threads: int):
+        """MetaSchedule's runner for this device: each candidate timed alone with a cold cache (number=1),
+        since the model's weights never fit in cache and a warm timing would rank knobs wrongly."""
+        config = ms.runner.EvaluatorConfig(number=1, repeat=10, min_repeat_ms=0, enable_cpu_cache_flush=True)
+        if self.tracker is None:
+            # Worker processes inherit TVM_NUM_THREADS (TVM's own default in a fresh process can be 1 thread).
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+            return ms.runner.LocalRunner(evaluator_config=config)
+        host, port = parse_address(self.tracker)
+        rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=self.key,
+                                         session_timeout_sec=600)
+        return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=config, max_workers=1)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--rpc expects the tracker as HOST:PORT (e.g. 127.0.0.1:9190), got {address!r}")
+    return host, int(port)
+
+
+def verify(task: Task, target, knobs: dict, device: Device | None = None):
+    """Build the kernel with `knobs`, run it on the device, and check it against exact integer numpy
+    results; raise if wrong."""
+    device = device or Device()
     sch = s_tir.Schedule(task.func)
     task.template.apply(sch, **knobs)
     # (with_attr before scheduling would let the schedule rewrite task.func in place: TVM 0.27 moves it)
@@ -227,16 +276,17 @@ def verify(task: Task, target, knobs: dict):
     fixed, n, k = task.shape
     rng = np.random.default_rng(n + k)
     weights = rng.integers(-1, 2, (n, k)).astype(np.int8)
-    for tokens in [fixed] if fixed is not None else [1, 13, 16]:
-        xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
-        args = [xq, np.ones(tokens, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(weights),
-                np.ones(n, np.float32), np.zeros((tokens, n), np.float32)]
-        tensors = [tvm.runtime.tensor(a) for a in args]
-        lib(*tensors)
-        expected = (xq.astype(np.int64) @ weights.astype(np.int64).T).astype(np.float32)
-        if not np.array_equal(tensors[-1].numpy(), expected):
-            raise RuntimeError(f"{task.name} with knobs {knobs} computed wrong results at {tokens} tokens; "
-                               "the record was not kept")
+    with device.load(lib) as (kernel, dev):
+        for tokens in [fixed] if fixed is not None else [1, 13, 16]:
+            xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
+            args = [xq, np.ones(tokens, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(weights),
+                    np.ones(n, np.float32), np.zeros((tokens, n), np.float32)]
+            tensors = [tvm.runtime.tensor(a, dev) for a in args]
+            kernel["main"](*tensors)
+            expected = (xq.astype(np.int64) @ weights.astype(np.int64).T).astype(np.float32)
+            if not np.array_equal(tensors[-1].numpy(), expected):
+                raise RuntimeError(f"{task.name} with knobs {knobs} computed wrong results at {tokens} tokens on "
+                                   f"{device.name}; the record was not kept")
 
 
 def verify_record(path, target) -> str:
@@ -257,10 +307,12 @@ def verify_record(path, target) -> str:
 
 
 def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = None, schedules=None,
-         only: str | None = None, runner=None, progress: bool = True, stop_after: int | None = None,
-         threads: int | None = None) -> list[dict]:
+         only: str | None = None, progress: bool = True, stop_after: int | None = None,
+         threads: int | None = None, rpc: str | None = None, key: str | None = None) -> list[dict]:
     """Tune every tunable kernel of the model for `target`; write one record per kernel; return a summary.
-    `threads`: how many threads time each candidate (default: all cores, as the runtime uses)."""
+    `threads`: how many threads time each candidate here (default: all cores, as the runtime uses).
+    `rpc`/`key`: a TVM RPC tracker HOST:PORT and the device key: candidates are cross-linked here and
+    timed and verified on the device."""
     spec = resolve_target(target)
     head = head or default_head(load_config(model_dir).vocab_size)
     check_head(head)
@@ -268,27 +320,35 @@ def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = N
     if not tasks:
         raise ValueError(f"no tunable kernels for target {spec.name}" + (f" match {only!r}" if only else "")
                          + " (tunable: the ternary matmuls on targets with a tuning template)")
+    if rpc and not key:
+        raise ValueError("--rpc needs --key: the key the device's RPC server registered with the tracker")
+    if not rpc and spec.arch != platform.machine():
+        raise ValueError(f"target {spec.name} runs on {spec.arch}, not on this {platform.machine()} machine: tune it "
+                         "on the device with --rpc TRACKER:PORT --key KEY (see the README)")
     target_obj = tvm.target.Target(spec.tvm)
     store = RecordStore(schedules, target_obj)
     threads = threads or os.cpu_count() or 1
-    runner = runner or local_runner(threads)
+    device = Device(linker_for(spec), rpc, key)
+    runner = device.runner(threads)
     with stop_on_ctrl_c() as stop:
-        return [_tune_one(task, target_obj, store, trials, runner, progress, stop, stop_after, threads)
+        return [_tune_one(task, target_obj, store, trials, device, runner, progress, stop, stop_after, threads)
                 for task in tasks]
 
 
-def _tune_one(task: Task, target, store: RecordStore, trials, runner, progress, stop, stop_after, threads) -> dict:
+def _tune_one(task: Task, target, store: RecordStore, trials, device, runner, progress, stop, stop_after,
+              threads) -> dict:
     from tqdm import tqdm
 
     work_dir = store.dir / ".tuning" / key_digest(kernel_key(task.func, target))
     started = time.time()
     with tqdm(total=trials, desc=task.name, unit="trial", disable=not progress) as bar:
-        best = search(task, target, work_dir, trials, runner, Progress(bar, stop, stop_after))
+        best = search(task, target, work_dir, trials, device, runner, Progress(bar, stop, stop_after))
     if best is None:
         raise RuntimeError(f"{task.name}: no candidate built and ran; see the logs in {work_dir / 'logs'}")
-    verify(task, target, best["knobs"])
+    verify(task, target, best["knobs"], device)
     path = store.save(task.func, best["knobs"], {
-        "best_us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS, "threads": threads,
+        "best_us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS,
+        "measured_on": device.name if device.tracker else f"this machine, {threads} threads",
         "verified": "exact integer match against numpy", "seconds": round(time.time() - started, 1),
         "tvm": tvm.__version__})
     return {"kernel": task.name, **best, "record": str(path)}
