@@ -25,11 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_key(tracker_port: int, key: str, timeout: float = 120):
+def _wait_for_key(tracker_port: int, key: str, processes, timeout: float = 120):
     from tvm import rpc
 
     deadline = time.time() + timeout
     while time.time() < deadline:
+        for proc in processes:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(proc.args[:4])}... exited:\n{proc.stdout.read().decode()[-3000:]}")
         try:
             summary = rpc.connect_tracker("127.0.0.1", tracker_port).summary()
             if any(q == key and v["free"] for q, v in summary["queue_info"].items()):
@@ -47,10 +50,10 @@ def device():
     tracker_port, key = _free_port(), "rpi5-qemu"
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                 "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     server = qemu.start_rpc_server(f"127.0.0.1:{tracker_port}", key, port=_free_port())
     try:
-        _wait_for_key(tracker_port, key)
+        _wait_for_key(tracker_port, key, (tracker, server))
         yield f"127.0.0.1:{tracker_port}", key
     finally:
         for proc in (server, tracker):
