@@ -17,6 +17,7 @@ run keeps it, and a rerun counts the trials measured there and runs only the res
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import signal
@@ -185,6 +186,21 @@ def _space_size(knobs: dict) -> int:
     return int(np.prod([len(v) for v in knobs.values()]))
 
 
+@contextlib.contextmanager
+def _unnamed_log_handlers_detached():
+    """MetaSchedule re-configures its logger from the names of the handlers it has; a handler without a
+    name (pytest's log capture, a user's own) makes that fail. Detach those while tuning."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
+
+
 def search(task: Task, target, work_dir: Path, trials: int, device: Device, runner, progress: Progress) -> dict | None:
     """Run MetaSchedule until the kernel's database holds `trials` measurements (or the whole space);
     return the best knobs."""
@@ -200,11 +216,12 @@ def search(task: Task, target, work_dir: Path, trials: int, device: Device, runn
         space = ms.space_generator.ScheduleFn(knob_space_fn(task.template, knobs), sch_rules=[], postprocs=[],
                                               mutator_probs={})
         try:
-            ms.tune_tir(mod, target, str(work_dir), max_trials_global=remaining,
-                        num_trials_per_iter=min(remaining, 16), space=space, strategy="evolutionary",
-                        cost_model="random", database=database, builder=InProcessBuilder(device.export),
-                        runner=runner,
-                        measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress])
+            with _unnamed_log_handlers_detached():
+                ms.tune_tir(mod, target, str(work_dir), max_trials_global=remaining,
+                            num_trials_per_iter=min(remaining, 16), space=space, strategy="evolutionary",
+                            cost_model="random", database=database, builder=InProcessBuilder(device.export),
+                            runner=runner,
+                            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress])
         except Exception:
             if progress.stop["requested"]:
                 raise KeyboardInterrupt from None
