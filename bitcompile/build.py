@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -39,20 +40,48 @@ def mark_all_noalias(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
     return mod
 
 
+def _backend(target: tvm.target.Target, records):
+    """TVM's pipeline module for the target's kind and our schedule pass for it."""
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline
+
+        from .schedule_cuda import cuda_schedule_pass
+
+        return pipeline, cuda_schedule_pass()
+    from tvm.relax.backend.cpu_generic import pipeline
+
+    return pipeline, cpu_schedule_pass(records)
+
+
+def _legalize_passes(backend, target):
+    """The backend's legalization without its default schedules (the CUDA pipeline ends in dlight's;
+    ours, which include them, must see the functions first)."""
+    return [p for p in backend.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+
+
 def relax_pipeline(target: tvm.target.Target, records=None) -> tvm.transform.Pass:
-    """The default CPU pipeline with our schedule rules (and tuning `records`) between legalization
-    and lowering."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    """The default pipeline of the target's kind with our schedule rules (and tuning `records`)
+    between legalization and lowering."""
+    backend, schedule_pass = _backend(target, records)
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         with target:
-            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                      + [cpu_schedule_pass(records), mark_all_noalias]
-                      + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            passes = (backend.library_dispatch_passes(target) + _legalize_passes(backend, target)
+                      + [schedule_pass, mark_all_noalias]
+                      + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def build_env(spec: TargetSpec, target: tvm.target.Target):
+    """What tvm.compile needs around it for this target (CUDA: nvcc, the driver stand-in; cuda.py)."""
+    if spec.device != "cuda":
+        return contextlib.nullcontext()
+    from .cuda import compile_env
+
+    return compile_env(target, spec.name)
 
 
 def build_graph(config, spec: TargetSpec, head: str = "bf16"):
@@ -93,8 +122,9 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         target_obj, mod, param_order = build_graph(ckpt.config, spec, head)
         with tqdm(total=1, desc=f"compile for {spec.name}", bar_format="{desc}: {elapsed}", disable=not progress) as bar:
             records = RecordStore(schedules, target_obj)
-            executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj, records))
-            executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
+            with build_env(spec, target_obj):
+                executable = tvm.compile(mod, target_obj, relax_pipeline=relax_pipeline(target_obj, records))
+                executable.export_library(str(tmp / LIBRARY), fcompile=fcompile)
             bar.update()
         say(records.summary())
         with tqdm(total=len(param_order), desc="write parameters", unit="tensor", disable=not progress) as bar:

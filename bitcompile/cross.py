@@ -73,9 +73,14 @@ def linker_for(spec: TargetSpec):
     """export_library's fcompile for this target (None: TVM's default), after checking it can be built here.
 
     Raises TargetError naming what to install, before any compile work is done."""
+    if spec.device == "cuda":
+        from .cuda import check_build_tools
+
+        check_build_tools(spec.name)
+        return None  # the host side links with this machine's C compiler; nvcc made the GPU code
     if spec.device != "cpu":
-        raise TargetError(f"compiling for {spec.name} ({spec.device}) is not supported yet: bitcompile's "
-                          "schedules are CPU-only; compile for a CPU target (see `bitcompile targets`)")
+        raise TargetError(f"compiling for {spec.name} ({spec.device}) is not supported: bitcompile "
+                          "compiles for CPUs and CUDA GPUs (see `bitcompile targets`)")
     toolchain = toolchain_for(spec)
     if toolchain is None:
         return None
@@ -93,8 +98,11 @@ def linker_for(spec: TargetSpec):
 
 def build_status(spec: TargetSpec) -> str:
     """One line for `bitcompile targets`: what building for this target needs, and whether it is here."""
-    if spec.device != "cpu":
-        return "not supported yet (description only)"
+    if spec.device == "cuda":
+        from .cuda import missing_tools
+
+        missing = missing_tools()
+        return "needs nvcc (CUDA toolkit) + gcc: " + (f"MISSING {', '.join(missing)}" if missing else "installed")
     try:
         toolchain = toolchain_for(spec)
     except TargetError as e:

@@ -45,10 +45,10 @@ class Engine:
         from tvm.runtime.vm import VirtualMachine
 
         self._tvm = tvm
-        self.device = tvm.cpu()
+        self.device = tvm.cuda(0) if target["requires"].get("device") == "cuda" else tvm.cpu()
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / LIBRARY)), self.device)
         arrays = read_params(self.path / PARAMS, self.manifest["params"], self.manifest["param_order"])
-        self._params = [tvm.runtime.from_dlpack(a) for a in arrays]  # zero copy from the mapped file
+        self._params = [self._on_device(a) for a in arrays]
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
         self._kv = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
                     for name in ("add_sequence", "begin_forward", "end_forward", "clear")}
@@ -56,6 +56,12 @@ class Engine:
         self._cache = self._vm["create_kv_cache"](shape([1]), shape([self.context_length]),
                                                   shape([self.prefill_chunk]), shape([PAGE_SIZE]), shape([0]))
         self._cache_len = None
+
+    def _on_device(self, array: np.ndarray):
+        """A parameter for the VM: zero copy from the mapped file on the CPU, copied to a GPU."""
+        if self.device.dlpack_device_type() == self._tvm.cpu().dlpack_device_type():
+            return self._tvm.runtime.from_dlpack(array)
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
     # -- model calls -------------------------------------------------------------------------------
     def _reset(self):

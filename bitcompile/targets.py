@@ -60,7 +60,8 @@ class TargetSpec:
     runtime: dict = dataclasses.field(default_factory=dict)  # facts about the device: page_size, dotprod, i8mm
 
     def requires(self) -> dict:
-        return {"arch": self.arch, "device": self.device, "cpu_features": list(self.cpu_features)}
+        needs = {"arch": self.arch, "device": self.device, "cpu_features": list(self.cpu_features)}
+        return needs | ({"cuda_arch": self.tvm["arch"]} if self.device == "cuda" else {})
 
 
 def _preset_dir() -> Path:
@@ -209,6 +210,10 @@ def check_runnable(requires: dict, target_name: str):
             f"this artifact was compiled for target '{target_name}' ({requires.get('arch')}), "
             f"but this machine is {arch}; compile the model for this machine with `bitcompile compile MODEL --target host`"
         )
+    if requires.get("device") == "cuda":
+        from .cuda import check_device
+
+        check_device(requires["cuda_arch"], target_name)
     missing = sorted(set(requires.get("cpu_features", [])) - machine_cpu_flags())
     if missing:
         raise TargetError(

@@ -54,14 +54,6 @@ def test_bad_targets_name_the_fix(kwargs, message):
         resolve_target(**kwargs)
 
 
-def test_cuda_compile_is_refused_as_not_supported_yet(checkpoints, tmp_path):
-    import bitcompile
-
-    with pytest.raises(TargetError, match=r"compiling for cuda-sm90 \(cuda\) is not supported yet"):
-        bitcompile.compile(checkpoints["autobitlinear"], target="cuda-sm90", output=tmp_path / "c.bitc", progress=False)
-    assert not (tmp_path / "c.bitc").exists()
-
-
 def test_missing_cross_toolchain_names_the_debian_package(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
     with pytest.raises(TargetError, match=r"missing here: aarch64-linux-gnu-gcc; install with: "
@@ -88,7 +80,7 @@ def test_targets_command_lists_presets_and_what_they_need():
                          env={**os.environ, "PATH": os.path.dirname(sys.executable)})  # no cross tools on PATH
     assert out.returncode == 0, out.stderr
     assert "needs gcc-aarch64-linux-gnu libc6-dev-arm64-cross: MISSING aarch64-linux-gnu-gcc" in out.stdout
-    assert "cuda-sm90" in out.stdout and "not supported yet" in out.stdout
+    assert "cuda-sm90" in out.stdout and "needs nvcc (CUDA toolkit) + gcc: MISSING nvcc" in out.stdout
     assert all(name in out.stdout for name in ARM_PRESETS)
 
 

@@ -1,0 +1,193 @@
+"""CUDA targets: building GPU machine code without a GPU, and finding the GPU at run time.
+
+Build side. TVM turns the CUDA kernels into machine code (an nvcc fatbin with SASS for the target's
+sm_XX) only when its CUDA runtime sidecar, tvm/lib/libtvm_runtime_cuda.so, is loaded; the sidecar
+needs libcuda.so.1, the driver. Without a driver it fails to load silently and the library would
+carry CUDA source instead (compiled on the GPU machine at load time, with a compiler it may lack).
+So on a machine without a driver we build a stand-in libcuda.so.1 (every symbol the sidecar imports,
+each returning CUDA_ERROR_NO_DEVICE), load it into this process, then the sidecar. nvcc compiles
+(TVM_CUDA_COMPILE_MODE=nvcc) inside `with target:` so it gets the target's arch.
+
+Run side (no compiler imported): `check_device` refuses, with the fix, a machine without a CUDA
+driver or without a GPU of the artifact's architecture; `load_runtime` loads the sidecar when the
+TVM runtime was imported alone (TVM_USE_RUNTIME_LIB=1 skips backend autoload).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from .targets import TargetError
+
+# The driver API symbols libtvm_runtime_cuda.so imports (nm -D --undefined-only); 100 = CUDA_ERROR_NO_DEVICE.
+DRIVER_SYMBOLS = ("cuInit", "cuDriverGetVersion", "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName",
+                  "cuGetErrorString", "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData",
+                  "cuModuleUnload", "cuTensorMapEncodeTiled")
+NVCC_FIX = ("install the CUDA toolkit (NVIDIA's apt repository: apt-get install cuda-nvcc-13-0, or Debian's "
+            "nvidia-cuda-toolkit) and put nvcc on PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH)")
+FATBIN_MAGIC = 0xBA55ED50
+EM_CUDA = 190
+
+
+class CudaError(TargetError):
+    """A CUDA build or run this machine cannot do; the message names the fix."""
+
+
+# -- build side -------------------------------------------------------------------------------------
+def missing_tools() -> list[str]:
+    return [tool for tool in ("nvcc", "gcc") if shutil.which(tool) is None]
+
+
+def check_build_tools(target_name: str):
+    missing = missing_tools()
+    if "nvcc" in missing:
+        raise CudaError(f"compiling for {target_name} needs nvcc, which is not on PATH: {NVCC_FIX}")
+    if missing:
+        raise CudaError(f"compiling for {target_name} needs gcc (nvcc's host compiler): apt-get install gcc")
+
+
+def _stub_dir() -> Path:
+    return Path(os.environ.get("BITCOMPILE_CACHE", Path.home() / ".cache" / "bitcompile")) / "cuda-driver-stub"
+
+
+def stub_driver() -> Path:
+    """A stand-in libcuda.so.1 (built once with gcc into the cache): loads, answers 'no device'."""
+    library = _stub_dir() / "libcuda.so.1"
+    source = "typedef int CUresult;\n" + "".join(f"CUresult {name}(void) {{ return 100; }}\n"
+                                               for name in DRIVER_SYMBOLS)
+    c_file = library.with_name("libcuda_stub.c")
+    if library.is_file() and c_file.is_file() and c_file.read_text() == source:
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    c_file.write_text(source)
+    partial = library.with_name(f".libcuda.so.1.{os.getpid()}")
+    out = subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(partial), str(c_file)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise CudaError(f"building the CUDA driver stand-in failed (gcc):\n{out.stderr}")
+    partial.replace(library)
+    return library
+
+
+def _sidecar_loaded() -> bool:
+    from tvm.base import _LOADED_LIBS
+
+    return "tvm_runtime_cuda" in _LOADED_LIBS
+
+
+def _load_sidecar():
+    """Load tvm/lib/libtvm_runtime_cuda.so into this process (registers the CUDA module functions)."""
+    from tvm.base import _LOADED_LIBS
+
+    path = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(path))
+
+
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def ensure_build_backend():
+    """TVM's CUDA sidecar loaded in this process: with the real driver if there is one, else the stub."""
+    if _sidecar_loaded():
+        return
+    if not _driver_present():
+        ctypes.CDLL(str(stub_driver()), mode=ctypes.RTLD_GLOBAL)
+    _load_sidecar()
+
+
+@contextlib.contextmanager
+def compile_env(target, target_name: str):
+    """Around tvm.compile + export_library for a CUDA target: kernels become an nvcc fatbin of SASS.
+    The static parts of each call (decode: everything between the attention calls) are captured and
+    replayed as CUDA graphs (a launch costs ~1.2 us in a graph, ~5 us without); BITCOMPILE_CUDA_GRAPH=0
+    builds without them."""
+    import tvm
+
+    check_build_tools(target_name)
+    ensure_build_backend()
+    saved = os.environ.get("TVM_CUDA_COMPILE_MODE")
+    os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    graphs = {"relax.backend.use_cuda_graph": os.environ.get("BITCOMPILE_CUDA_GRAPH", "1") != "0"}
+    try:
+        with target, tvm.transform.PassContext(config=graphs):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TVM_CUDA_COMPILE_MODE", None)
+        else:
+            os.environ["TVM_CUDA_COMPILE_MODE"] = saved
+
+
+def fatbin_entries(library: str | Path) -> list[dict]:
+    """What the CUDA fatbins embedded in a compiled library hold: [{kind: "sass"|"ptx", arch: 90,
+    elf_machine: 190}] (fatbin header 0xBA55ED50; entry kind 2 = ELF cubin, 1 = PTX)."""
+    data = Path(library).read_bytes()
+    entries, start = [], data.find(struct.pack("<I", FATBIN_MAGIC))
+    while start >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, start)
+        pos, end = start + header, start + header + size
+        while pos < end:
+            kind, _, entry_header, entry_size = struct.unpack_from("<HHIQ", data, pos)
+            arch = struct.unpack_from("<I", data, pos + 28)[0]
+            body = data[pos + entry_header : pos + entry_header + 20]
+            machine = struct.unpack_from("<H", body, 18)[0] if body[:4] == b"\x7fELF" else None
+            entries.append({"kind": {1: "ptx", 2: "sass"}.get(kind, str(kind)), "arch": arch, "elf_machine": machine})
+            pos += entry_header + entry_size
+        start = data.find(struct.pack("<I", FATBIN_MAGIC), end)
+    return entries
+
+
+# -- run side ---------------------------------------------------------------------------------------
+def load_runtime():
+    """The TVM runtime's CUDA support, in runtime-only mode too; CudaError when there is no driver."""
+    if _sidecar_loaded():
+        return
+    try:
+        _load_sidecar()
+    except OSError as e:
+        raise CudaError(f"TVM's CUDA runtime does not load here ({e}): it needs the NVIDIA driver (libcuda.so.1) "
+                        "and libcudart.so.13 (on a GPU machine: `import torch` first, or the CUDA 13 runtime "
+                        "on LD_LIBRARY_PATH)") from None
+
+
+def device_present() -> bool:
+    """Whether this process can use a CUDA GPU (driver, TVM's CUDA runtime, device 0)."""
+    try:
+        load_runtime()
+    except CudaError:
+        return False
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+def check_device(cuda_arch: str, target_name: str):
+    """Raise CudaError unless GPU 0 runs code compiled for `cuda_arch` (SASS: same major, minor >= ours)."""
+    fix = (f"run it on a machine with an NVIDIA {cuda_arch} GPU, or compile the model for this machine with "
+           "`bitcompile compile MODEL --target host`")
+    try:
+        load_runtime()
+    except CudaError as e:
+        raise CudaError(f"this artifact was compiled for target '{target_name}' (NVIDIA GPU, {cuda_arch}), "
+                        f"but {e}; {fix}") from None
+    import tvm
+
+    device = tvm.cuda(0)
+    if not device.exist:
+        raise CudaError(f"this artifact was compiled for target '{target_name}' (NVIDIA GPU, {cuda_arch}), but this "
+                        f"machine has no CUDA device; {fix}")
+    have, want = device.compute_version.split("."), (cuda_arch[3:-1], cuda_arch[-1])
+    if have[0] != want[0] or int(have[1]) < int(want[1]):
+        raise CudaError(f"this artifact holds machine code for {cuda_arch}, but GPU 0 ({device.device_name}) is "
+                        f"sm_{''.join(have)}; compile for its architecture (a cuda-sm{''.join(have)} target)")

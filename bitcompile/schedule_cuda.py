@@ -1,0 +1,239 @@
+"""CUDA schedules: our operators by their `bitcompile.op` attribute, everything else by dlight's GPU rules.
+
+The ternary matmul (b16x16 layout: byte r*4 + kk of block (nb, kb) holds the 2-bit codes of row
+nb*16 + r at inputs kb*16 + 4j + kk, plane j = bits 2j..2j+1). One thread owns one row of a 16-row
+block and a slice of the inputs; per 64-byte block it loads its row's 4 bytes once, and per bit plane
+j unpacks them into 4 codes, which `__dp4a` multiplies with 4 int8 activations:
+
+  blockIdx.x   nb                 16 output rows
+  blockIdx.y   token tile         (prefill: TOKEN_TILE tokens, the weight word is reused for all)
+  threadIdx.y  r                  one row each
+  threadIdx.x  kc                 K_THREADS slices of the input blocks, summed by a warp shuffle
+    for kb in this thread's blocks:   word = w[nb, kb, r*4 : r*4+4]
+      for j in 0..3:                  codes = (word >> 2j) & 3 (4 bytes)
+        for token in tile:            acc[token] = __dp4a(codes, x_q[token, kb*16 + 4j : +4], acc[token])
+  y = (acc - sum(x_q)) / s * multiplier
+
+Decode stages the token's int8 activations in shared memory. The float heads (lm_head) use the same
+rows x input-slices nest without dp4a. Nothing is left unbound: dlight's Fallback takes what the
+other rules do not (VerifyMemory rejects a loop that is not bound to a thread on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.script import tirx as T
+
+from .schedule import _has_blocks, _op_name
+from .schedule_x86 import register_intrin
+
+ROWS = 16  # output rows per CUDA block: the layout's row block
+K_THREADS = 8  # threads sharing one row's inputs (a power of two up to 32: their sum is a warp shuffle)
+TOKEN_TILE = 8  # prefill tokens per CUDA block (ternary_ops.M_TILE: prefill pads the tokens to it)
+
+
+def _dp4a_intrin(x_scope: str):
+    """acc += sum of 4 products of u8 codes (0..2, so also valid as s8) with s8 activations."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1, align=4, scope="local"),
+             b: T.Buffer((4,), "int8", offset_factor=1, align=4, scope=x_scope),
+             c: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0], a[0:4], b[0:4])
+            T.writes(c[0])
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vk = T.axis.remap("R", [k])
+                    c[0] = c[0] + T.cast(a[vk], "int32") * T.cast(b[vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1, align=4, scope="local"),
+             b: T.Buffer((4,), "int8", offset_factor=1, align=4, scope=x_scope),
+             c: T.Buffer((1,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0], a[0:4], b[0:4])
+            T.writes(c[0])
+            c[0] = T.call_pure_extern("int32", "__dp4a", T.reinterpret("int32", a.vload([0], "uint8x4")),
+                                      T.reinterpret("int32", b.vload([0], "int8x4")), c[0])
+
+    name = f"bitcompile_dp4a_u8s8_{x_scope}"
+    register_intrin(name, desc, impl)
+    return name
+
+
+DP4A_SHARED_X = _dp4a_intrin("shared")
+DP4A_GLOBAL_X = _dp4a_intrin("global")
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def rows_by_input_slices(sch: s_tir.Schedule, block, epilogue, tokens: int = 1, k_inner=()):
+    """The GEMV/GEMM nest above for a reduction block with loops (token, row, input): returns the
+    per-thread partial-sum block and its loops (ko, *k_inner, token-in-tile) from the input loop down.
+
+    The partial sums (rfactor over the K_THREADS slices) stay in registers; a warp shuffle adds them;
+    `epilogue` (the elementwise consumer) runs on the sums, one thread per row."""
+    i, n, k = sch.get_loops(block)
+    mo, mi = sch.split(i, factors=[None, tokens])
+    nb, r = sch.split(n, factors=[None, ROWS])
+    ko, kc, *inner = sch.split(k, factors=[None, _input_slices(sch, k, k_inner), *k_inner])
+    sch.reorder(nb, mo, r, kc, ko, *inner[:-1], mi, *inner[-1:])
+    partial = sch.rfactor(kc, 0)
+    nb, mo, r, kc, *rest = sch.get_loops(partial)
+    for loop, thread in ((nb, "blockIdx.x"), (mo, "blockIdx.y"), (r, "threadIdx.y"), (kc, "threadIdx.x")):
+        sch.bind(loop, thread)
+    sch.set_scope(partial, 0, "local")
+    sch.reverse_compute_at(block, mo)
+    slices, *spatial = sch.get_loops(block)[2:]
+    sch.reorder(*spatial, slices)  # the cross-thread reduction must be the innermost loop
+    sch.bind(spatial[-1], "threadIdx.y")
+    sch.bind(slices, "threadIdx.x")
+    if epilogue is not None:  # else the sums are the output
+        sch.set_scope(block, 0, "local")
+        sch.reverse_compute_at(epilogue, mo)
+        sch.bind(sch.get_loops(epilogue)[-1], "threadIdx.y")
+    return partial, rest
+
+
+def _input_slices(sch: s_tir.Schedule, k, k_inner) -> int:
+    """K_THREADS, halved until it divides the input steps (a remainder would predicate the dp4a)."""
+    steps, threads = _extent(sch, k) // math.prod(k_inner), K_THREADS
+    while steps % threads:
+        threads //= 2
+    return threads
+
+
+def _threads_over(sch: s_tir.Schedule, block, threads: int = 128, lanes: int = 4):
+    """A copy-like block: its loops fused, `lanes` elements per thread (a vector), threads over the rest."""
+    *loops, last = sch.get_loops(block)
+    last, vec = sch.split(last, factors=[None, lanes])
+    fused = sch.fuse(*loops, last)
+    bx, tx = sch.split(fused, factors=[None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+
+
+def _unpack_codes(sch: s_tir.Schedule, plane_loop, word_loop):
+    """Each thread loads its row's 4-byte word once per block of 16 inputs and unpacks bit plane j
+    into 4 local codes (bytes widened by nvcc; no uint8 vector shifts reach TVM's codegen)."""
+    codes = sch.get_sblock("codes")
+    sch.compute_at(codes, plane_loop)
+    sch.set_scope(codes, 0, "local")
+    word = sch.cache_read(codes, 0, "local")
+    sch.compute_at(word, word_loop)
+    sch.vectorize(sch.get_loops(word)[-1])
+
+
+def schedule_ternary_matmul(sch: s_tir.Schedule):
+    acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
+    prefill = _has_blocks(sch, "x_pad")
+    if prefill:  # padded activations in global memory (a 8 x K tile would not fit shared memory)
+        _threads_over(sch, sch.get_sblock("x_pad"))
+    partial, (ko, plane, token, kk) = rows_by_input_slices(sch, acc, y, TOKEN_TILE if prefill else 1, k_inner=(4, 4))
+    if not prefill:  # the one token's activations, shared by the block's 16 rows
+        x = sch.cache_read(partial, 1, "shared")
+        sch.compute_at(x, sch.get_loops(partial)[1])
+        _threads_over_block(sch, x)
+    _unpack_codes(sch, plane, ko)
+    sch.decompose_reduction(partial, ko)
+    sch.tensorize(kk, DP4A_GLOBAL_X if prefill else DP4A_SHARED_X)
+
+
+def _threads_over_block(sch: s_tir.Schedule, copy):
+    """A cooperative copy inside a CUDA block: 4 bytes per thread, all ROWS x K_THREADS threads."""
+    loop = sch.get_loops(copy)[-1]
+    words, vec = sch.split(loop, factors=[None, 4])
+    _, ty, tx = sch.split(words, factors=[None, ROWS, K_THREADS])
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.vectorize(vec)
+
+
+def schedule_lm_head(sch: s_tir.Schedule):
+    """Float head (bf16 or f32 table): rows x input slices, f32 partial sums."""
+    logits = sch.get_sblock("logits")
+    partial, (ko, token) = rows_by_input_slices(sch, logits, None)
+    sch.decompose_reduction(partial, ko)
+
+
+def schedule_lm_head_int8(sch: s_tir.Schedule):
+    """int8 head: rows x input slices, integer partial sums (byte r*4 + kk of a block is row r, input kk)."""
+    acc = sch.get_sblock("head_acc")
+    partial, (ko, token) = rows_by_input_slices(sch, acc, sch.get_sblock("head_out"))
+    sch.decompose_reduction(partial, ko)
+
+
+def _per_thread(sch: s_tir.Schedule, loop, threads: int):
+    """Split `loop` as thread index + stride; returns (stride loop, thread loop)."""
+    return sch.split(loop, factors=[None, threads])
+
+
+def _spatial_loop(sch: s_tir.Schedule, loops):
+    """The loop that drives the (one non-unit) spatial iterator of the block under `loops`."""
+    realize = sch.get(loops[-1]).body
+    spatial = [value for var, value in zip(realize.block.iter_vars, realize.iter_values)
+               if var.iter_type == tirx.IterVar.DataPar and isinstance(value, tirx.Var)]
+    return next(loop for loop in loops if any(sch.get(loop).loop_var.same_as(v) for v in spatial))
+
+
+def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
+    """One CUDA block per token: absmax (block reduction), scale, int8 values, their sum (block
+    reduction). Thread t handles inputs t, t + threads, ... in every stage, so each reads only what it
+    wrote itself (no barrier needed between the global-memory stages)."""
+    k = sch.get(sch.get_loops(sch.get_sblock("x_q"))[-1]).extent
+    while int(k) % threads:
+        threads //= 2
+    partials = []
+    for name in ("amax", "x_sum"):
+        _, t = _per_thread(sch, sch.get_loops(sch.get_sblock(name))[-1], threads)
+        partials.append(sch.rfactor(t, 1))
+    x_sum = sch.get_sblock("x_sum")
+    token = sch.get_loops(partials[0])[0]
+    sch.bind(token, "blockIdx.x")
+    for block in (sch.get_sblock("amax"), sch.get_sblock("act_scale"), sch.get_sblock("x_q"), partials[1], x_sum):
+        sch.reverse_compute_at(block, token)
+    sch.set_scope(sch.get_sblock("amax"), 0, "local")
+    # TVM computes the scale on thread 0 only: x_q reads it from shared memory (after a barrier), not
+    # from the global output, which the other threads could read before thread 0 wrote it
+    copy_out = sch.cache_write(sch.get_sblock("act_scale"), 0, "shared", consumer_blocks=[sch.get_sblock("x_q")])
+    sch.reverse_compute_at(copy_out, token)
+    _, t = _per_thread(sch, sch.get_loops(sch.get_sblock("x_q"))[-1], threads)
+    sch.bind(t, "threadIdx.x")
+    for partial in partials:  # their lane loop (spatial after rfactor) outermost, one lane per thread
+        _, *loops = sch.get_loops(partial)
+        lane = _spatial_loop(sch, loops)
+        sch.reorder(lane, *(loop for loop in loops if loop != lane))
+        sch.bind(lane, "threadIdx.x")
+        sch.set_scope(partial, 0, "local")
+    for block in (sch.get_sblock("amax"), x_sum):
+        sch.bind(sch.get_loops(block)[1], "threadIdx.x")
+
+
+class CudaRules(ScheduleRule):
+    """bitcompile's operators on CUDA, by their `bitcompile.op` attribute."""
+
+    rules = {"ternary_matmul": schedule_ternary_matmul, "lm_head": schedule_lm_head,
+             "quantize_activations": schedule_quantize_activations,
+             "lm_head_int8": schedule_lm_head_int8}
+
+    def apply(self, func, target, tunable):
+        rule = self.rules.get(_op_name(func)) if isinstance(func, tirx.PrimFunc) else None
+        if rule is None:
+            return None
+        sch = s_tir.Schedule(func)
+        rule(sch)
+        return sch
+
+
+def cuda_schedule_pass():
+    return dl.ApplyDefaultSchedule(CudaRules(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())
