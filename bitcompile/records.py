@@ -42,11 +42,12 @@ def isa_features(target) -> list[str]:
 
 
 def target_key(target) -> str:
-    """Folder name for a target's records, e.g. x86_64-znver4."""
+    """Folder name for a target's records, e.g. x86_64-znver4, aarch64-cortex-a76, cuda-sm_90."""
     attrs = target.attrs
-    arch = str(attrs.get("mtriple", "unknown")).split("-")[0]
-    cpu = str(attrs.get("mcpu", "generic"))
-    name = f"{target.kind.name}-{arch}-{cpu}" if target.kind.name != "llvm" else f"{arch}-{cpu}"
+    if target.kind.name == "cuda":
+        name = f"cuda-{attrs.get('arch', 'unknown')}"
+    else:
+        name = f"{str(attrs.get('mtriple', 'unknown')).split('-')[0]}-{attrs.get('mcpu', 'generic')}"
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
