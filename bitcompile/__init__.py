@@ -19,12 +19,13 @@ def load(path, **kwargs):
 
 
 def compile(model_dir, target="host", output=None, overwrite=False, progress=True, head=None,  # noqa: A001
-            schedules=None):
+            schedules=None, kv_cache=None):
     """Compile a Hugging Face BitNet checkpoint directory for `target` into an artifact directory.
 
     head: lm_head storage, "bf16" | "int8" | "q4" | "f32" (default: int8 for vocabularies >= 32000, else bf16).
-    schedules: folder of tuning records (default: the committed schedules/)."""
+    schedules: folder of tuning records (default: the committed schedules/).
+    kv_cache: "f32" | "f16" KV cache storage (default: f16 for vocabularies >= 32000, else f32)."""
     from .build import compile_model
 
     return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress, head=head,
-                         schedules=schedules)
+                         schedules=schedules, kv_cache=kv_cache)

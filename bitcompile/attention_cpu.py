@@ -22,11 +22,15 @@ LOG2E = math.log2(math.exp(1))
 NEG = -5e4
 
 
-def _attend_macro(D: int, page_size: int, paged: bool):
+def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32"):
     """The loop every kernel shares: one query row of one head against its first n_keys keys, keys in
     chunks of 16 (16 dot products in 16-lane partials, one max and one rescale per chunk, P.V
-    16 lanes at a time). Keys come from the pages (paged) or from ragged k/v tensors."""
+    16 lanes at a time). Keys come from the pages (paged) or from ragged k/v tensors. q, k, v and the
+    output are `dtype` (float32 or float16); the arithmetic is float32."""
     lanes = 16 if D % 16 == 0 else 1
+
+    def f32(value):
+        return T.Cast("float32", value) if dtype != "float32" else value
 
     @T.macro
     def attend(q, keys, values, output, lse, row, h, hk, n_keys, first, page_values, sm_scale):
@@ -47,12 +51,12 @@ def _attend_macro(D: int, page_size: int, paged: bool):
                     for d0 in T.serial(D // lanes):
                         for l in T.vectorized(lanes):
                             if paged:
-                                part[l] = part[l] + q[row, h, d0 * lanes + l] * keys[
+                                part[l] = part[l] + f32(q[row, h, d0 * lanes + l]) * f32(keys[
                                     page_values[first + (c * CHUNK + t) // page_size], 0, hk,
-                                    (c * CHUNK + t) % page_size, d0 * lanes + l]
+                                    (c * CHUNK + t) % page_size, d0 * lanes + l])
                             else:
-                                part[l] = part[l] + q[row, h, d0 * lanes + l] * keys[first + c * CHUNK + t, hk,
-                                                                                      d0 * lanes + l]
+                                part[l] = part[l] + f32(q[row, h, d0 * lanes + l]) * f32(
+                                    keys[first + c * CHUNK + t, hk, d0 * lanes + l])
                     S[t] = T.float32(0)
                     for l in T.serial(lanes):
                         S[t] = S[t] + part[l]
@@ -71,12 +75,12 @@ def _attend_macro(D: int, page_size: int, paged: bool):
                     st[1] = st[1] + p
                     for d in T.vectorized(D):
                         if paged:
-                            acc[d] = acc[d] + p * values[page_values[first + (c * CHUNK + t) // page_size], 1, hk,
-                                                         (c * CHUNK + t) % page_size, d]
+                            acc[d] = acc[d] + p * f32(values[page_values[first + (c * CHUNK + t) // page_size], 1,
+                                                             hk, (c * CHUNK + t) % page_size, d])
                         else:
-                            acc[d] = acc[d] + p * values[first + c * CHUNK + t, hk, d]
+                            acc[d] = acc[d] + p * f32(values[first + c * CHUNK + t, hk, d])
         for d in T.vectorized(D):
-            output[row, h, d] = acc[d] / T.max(st[1], T.float32(1e-30))
+            output[row, h, d] = T.Cast(dtype, acc[d] / T.max(st[1], T.float32(1e-30)))
         lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
 
     return attend
@@ -89,11 +93,11 @@ def _paged_keys(page_begin, page_end, last_len, page_size: int):
 
 def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, sliding_window: bool,
                          rope_scaling: dict, page_size: int = 16):
-    if sliding_window or dtype != "float32":
-        raise NotImplementedError("bitcompile's CPU decode attention supports float32 without sliding window")
+    if sliding_window or dtype not in ("float32", "float16"):
+        raise NotImplementedError("bitcompile's CPU decode attention supports float32/16 without sliding window")
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    attend = _attend_macro(D, page_size, paged=True)
+    attend = _attend_macro(D, page_size, paged=True, dtype=dtype)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(
@@ -111,14 +115,14 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
         k_rope_off = T.int32()
         q_rope_off = T.int32()
         length_off = T.int32()
-        Q = T.match_buffer(Q_handle, (B, H_qo, D), "float32")
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), "float32")
+        Q = T.match_buffer(Q_handle, (B, H_qo, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, H_kv, page_size, D), dtype)
         page_indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=page_indptr_off)
         page_values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=page_values_off)
         length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_off)
         k_rope_pos = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=k_rope_off)
         q_rope_pos = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=q_rope_off)
-        output = T.match_buffer(output_handle, (B, H_qo, D), "float32")
+        output = T.match_buffer(output_handle, (B, H_qo, D), dtype)
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
         assert rotary_mode == 0, "bitcompile decode attention expects pre-rotated q/k"
@@ -135,11 +139,11 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
 
 
 def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype: str, rope_scaling: dict):
-    if dtype != "float32" or d_qk != d_v:
-        raise NotImplementedError("bitcompile's CPU prefill attention supports float32 with d_qk == d_v")
+    if dtype not in ("float32", "float16") or d_qk != d_v:
+        raise NotImplementedError("bitcompile's CPU prefill attention supports float32/16 with d_qk == d_v")
     D = d_qk
     group = h_q // h_kv
-    attend = _attend_macro(D, 0, paged=False)
+    attend = _attend_macro(D, 0, paged=False, dtype=dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -155,14 +159,14 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         kv_indptr_off = T.int32()
         q_rope_off = T.int32()
         k_rope_off = T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, D), "float32")
+        q = T.match_buffer(var_q, (qo_len, h_q, D), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_off)
-        k = T.match_buffer(var_k, (kv_len, h_kv, D), "float32")
-        v = T.match_buffer(var_v, (kv_len, h_kv, D), "float32")
+        k = T.match_buffer(var_k, (kv_len, h_kv, D), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, D), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_off)
         q_rope_pos = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_off)
         k_rope_pos = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_off)
-        output = T.match_buffer(var_output, (qo_len, h_q, D), "float32")
+        output = T.match_buffer(var_output, (qo_len, h_q, D), dtype)
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
 
         assert rotary_mode == 0, "bitcompile prefill attention expects pre-rotated q/k"
@@ -183,11 +187,11 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
 
 def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding_window: bool, rope_scaling: dict,
                                 page_size: int = 16, sliding_window_size: int = 1024):
-    if sliding_window or dtype != "float32":
-        raise NotImplementedError("bitcompile's CPU prefill attention supports float32 without sliding window")
+    if sliding_window or dtype not in ("float32", "float16"):
+        raise NotImplementedError("bitcompile's CPU prefill attention supports float32/16 without sliding window")
     D = d
     group = h_q // h_kv
-    attend = _attend_macro(D, page_size, paged=True)
+    attend = _attend_macro(D, page_size, paged=True, dtype=dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -207,15 +211,15 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
         k_rope_off = T.int32()
         q_rope_off = T.int32()
         length_off = T.int32()
-        q = T.match_buffer(var_q, (total_len, h_q, D), "float32")
+        q = T.match_buffer(var_q, (total_len, h_q, D), dtype)
         q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_off)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, D), "float32")
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, D), dtype)
         page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_off)
         page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_off)
         length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_off)
         k_rope_pos = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_off)
         q_rope_pos = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_off)
-        output = T.match_buffer(var_output, (total_len, h_q, D), "float32")
+        output = T.match_buffer(var_output, (total_len, h_q, D), dtype)
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
 
         assert rotary_mode == 0, "bitcompile prefill attention expects pre-rotated q/k"

@@ -143,12 +143,14 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     manifest = read_manifest(artifact)
     cfg = ModelConfig.from_dict(manifest["model"])
     mean_context = prompt + gen / 2
-    kv = kv_bytes_per_token(cfg, mean_context)
+    kv_cache = manifest["weights"].get("kv_cache", "f32")
+    kv = kv_bytes_per_token(cfg, mean_context, 2 if kv_cache == "f16" else 4)
     engines = [("bitcompile", artifact, bitcompile_weight_bytes(manifest) + kv,
-                {"head": manifest["weights"]["head"], "ternary_layout": manifest["weights"]["ternary_layout"]})]
+                {"head": manifest["weights"]["head"], "ternary_layout": manifest["weights"]["ternary_layout"],
+                 "kv_cache": kv_cache})]
     if baseline == "onnxruntime":
         onnx_path = _onnx_for(model, artifact, cache_dir(), say)
-        engines.append(("onnxruntime", onnx_path, onnx_weight_bytes(onnx_path) + kv,
+        engines.append(("onnxruntime", onnx_path, onnx_weight_bytes(onnx_path) + kv_bytes_per_token(cfg, mean_context),
                         {"head": "int8 (MatMulNBits bits=8)", "ternary": "MatMulNBits bits=2 accuracy_level=4"}))
     bandwidth = {n: measure_bandwidth(n) for n in threads}
     runs = []

@@ -79,7 +79,7 @@ def cmd_compile(args):
 
     target = resolve_target(args.target, cpu=args.cpu, features=args.features)
     compile_model(args.model, target=target, output=args.output, overwrite=args.force, head=args.head,
-                  schedules=args.schedules)
+                  schedules=args.schedules, kv_cache=args.kv_cache)
 
 
 def cmd_tune(args):
@@ -204,6 +204,9 @@ def parser() -> argparse.ArgumentParser:
                    help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), "
                         "q4 (4-bit, a scale per 32 inputs, a quarter), f32; default int8 for vocabularies "
                         ">= 32000, else bf16")
+    c.add_argument("--kv-cache", choices=["f32", "f16"],
+                   help="KV cache storage: f32 (exact) or f16 (half the memory per token); default f16 for "
+                        "vocabularies >= 32000, else f32")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
     c.add_argument("--schedules", metavar="DIR", help="tuning records to apply (default: the committed schedules/); "
                                                       "kernels without a matching record get the default schedule")

@@ -100,8 +100,8 @@ class LMHead(nn.Module):
 
 
 class BitNetAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, kv_dtype: str = "float32"):
+        self.cfg, self.kv_dtype = cfg, kv_dtype
         self.qkv_proj = TernaryLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
         self.attn_sub_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.o_proj = TernaryLinear(cfg.q_size, cfg.hidden_size)
@@ -111,8 +111,10 @@ class BitNetAttention(nn.Module):
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim))
         # RoPE (rotate-half) is applied to q and k inside the cache's attention, before k is stored.
+        # The cache stores (and attention reads) kv_dtype; everything around it stays float32.
+        qkv = qkv.astype(self.kv_dtype) if self.kv_dtype != "float32" else qkv
         a = cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_attention_heads, sm_scale=cfg.head_dim**-0.5)
-        a = op.reshape(a, (b, s, cfg.q_size))
+        a = op.reshape(a.astype("float32") if self.kv_dtype != "float32" else a, (b, s, cfg.q_size))
         return self.o_proj(self.attn_sub_norm(a))
 
 
@@ -130,9 +132,9 @@ class BitNetMLP(nn.Module):
 
 
 class BitNetBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kv_dtype: str = "float32"):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.self_attn = BitNetAttention(cfg)
+        self.self_attn = BitNetAttention(cfg, kv_dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.mlp = BitNetMLP(cfg)
 
@@ -142,10 +144,10 @@ class BitNetBlock(nn.Module):
 
 
 class BitNetForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, target, head: str = "bf16"):
-        self.cfg, self.target = cfg, target
+    def __init__(self, cfg: ModelConfig, target, head: str = "bf16", kv_dtype: str = "float32"):
+        self.cfg, self.target, self.kv_dtype = cfg, target, kv_dtype
         self.embed_tokens = BF16Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([BitNetBlock(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([BitNetBlock(cfg, kv_dtype) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.shares_embedding = cfg.tie_word_embeddings and head == "bf16"
         if not self.shares_embedding:
@@ -195,7 +197,7 @@ class BitNetForCausalLM(nn.Module):
             qk_head_dim=cfg.head_dim, v_head_dim=cfg.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
             rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=cfg.rope_theta, rope_scaling={},
             rope_ext_factors=rx.prim_value(0), rotary_dim=cfg.head_dim, enable_disaggregation=False,
-            dtype="float32", target=self.target,
+            dtype=self.kv_dtype, target=self.target,
         )
 
     def spec(self) -> nn.spec.ModuleSpec:
