@@ -5,11 +5,13 @@ Per distinct tunable kernel of the model (records.kernel_key):
            applies the template: every candidate is the hand schedule with other knob values
   search   evolutionary search (never measures a candidate twice); the spaces are small, so a
            random cost model does as well as a learned one and needs no xgboost
-  build    in this process (LocalBuilder starts fresh worker processes for every batch)
-  measure  MetaSchedule's LocalRunner with the CPU cache flushed between runs: decode streams its
-           weights from DRAM, and a warm cache would pick knobs for the wrong bottleneck
-  verify   the chosen knobs' kernel against exact integer numpy results on random ternary weights;
-           only then is the record written (records.RecordStore)
+  build    in this process (LocalBuilder starts fresh worker processes for every batch), linked
+           with the target's (cross) linker
+  measure  on this machine (LocalRunner) or on a device behind a TVM RPC tracker (RPCRunner), the
+           CPU cache flushed before every run: decode streams its weights from DRAM, and a warm
+           cache would pick knobs for the wrong bottleneck
+  verify   the chosen knobs' kernel, run where it was measured, against exact integer numpy results
+           on random ternary weights; only then is the record written (records.RecordStore)
 Each kernel's MetaSchedule database lives in schedules/<target>/.tuning/<digest>/; an interrupted
 run keeps it, and a rerun counts the trials measured there and runs only the rest.
 """
