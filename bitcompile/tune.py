@@ -252,14 +252,20 @@ def choose(task: Task, target, finalists: list[dict], device: "Device") -> tuple
         return finalists[0], None
     tokens, n, k = task.shape
     *args, _ = _kernel_args(tokens or PREFILL_TOKENS, n, k, np.random.default_rng(0))
-    timed = []
-    for knobs in finalists:
-        with device.load(_build(task.measured_func(), task.template, knobs, target)) as (kernel, dev):
-            timer = kernel.time_evaluator("main", dev, number=1, repeat=20, min_repeat_ms=0,
-                                          f_preproc="cache_flush_cpu_non_first_arg")
-            timed.append((float(np.mean(timer(*[tvm.runtime.tensor(a, dev) for a in args]).results)), knobs))
+    timed = [(_mean_seconds(device, _build(task.measured_func(), task.template, knobs, target), args), knobs)
+             for knobs in finalists]
     seconds, knobs = min(timed, key=lambda t: t[0])
     return knobs, seconds * 1e6
+
+
+def _mean_seconds(device: "Device", lib, args) -> float:
+    """Mean of 20 cold runs. A function of its own so every remote handle (module, tensors, timer)
+    is gone when it returns: an RPC server serves one session at a time, and a live handle keeps the
+    session open, so the next request for the device would wait forever."""
+    with device.load(lib) as (kernel, dev):
+        timer = kernel.time_evaluator("main", dev, number=1, repeat=20, min_repeat_ms=0,
+                                      f_preproc="cache_flush_cpu_non_first_arg")
+        return float(np.mean(timer(*[tvm.runtime.tensor(a, dev) for a in args]).results))
 
 
 class Device:
