@@ -17,7 +17,7 @@ from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
 from .atomic import atomic_directory
 from .checkpoint import load_checkpoint
 from .cross import linker_for
-from .head import check_head, default_head
+from .head import LARGE_VOCABULARY, check_head, default_head
 from .model import BitNetForCausalLM
 from .packing import KERNEL_LAYOUT
 from .records import RecordStore
@@ -90,7 +90,7 @@ KV_CACHE_DTYPES = {"f32": "float32", "f16": "float16"}
 
 
 def default_kv_cache(vocab_size: int) -> str:
-    return "f16" if vocab_size >= 32000 else "f32"
+    return "f16" if vocab_size >= LARGE_VOCABULARY else "f32"
 
 
 def check_kv_cache(kind: str) -> str:

@@ -21,8 +21,11 @@ HEAD_KINDS = ("bf16", "int8", "q4", "f32")
 ROW_CHUNK = 8192  # quantize in row chunks: the f32 copy of a 2B-shape table would be 1.3 GB
 
 
+LARGE_VOCABULARY = 32000  # from here on, defaults trade a stated logit error for memory per token
+
+
 def default_head(vocab_size: int) -> str:
-    return "int8" if vocab_size >= 32000 else "bf16"
+    return "int8" if vocab_size >= LARGE_VOCABULARY else "bf16"
 
 
 def check_head(kind: str) -> str:

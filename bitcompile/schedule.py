@@ -199,6 +199,8 @@ class Template:
 
 
 def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
+    """The ternary matmul's template for targets with a dot-product instruction (VNNI, sdot);
+    other targets use the portable schedule_ternary_matmul."""
     if _op_name(func) != "ternary_matmul":
         return None
     from .schedule_arm import TERNARY_SDOT, has_dotprod
@@ -207,16 +209,6 @@ def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
     if has_vnni(target):
         return TERNARY_VNNI
     return TERNARY_SDOT if has_dotprod(target) else None
-
-
-def ternary_matmul_rule(target):
-    """The best ternary matmul schedule this target supports."""
-    from .schedule_arm import arm_ternary_matmul_rule
-    from .schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
-
-    if has_vnni(target):
-        return schedule_ternary_matmul_vnni
-    return arm_ternary_matmul_rule(target) or schedule_ternary_matmul
 
 
 class TernaryRules(ScheduleRule):
@@ -241,7 +233,7 @@ class TernaryRules(ScheduleRule):
             knobs = self.records.lookup(func) if self.records is not None else None
             rule = functools.partial(template.apply, **(knobs or {}))
         elif name == "ternary_matmul":
-            rule = ternary_matmul_rule(target)
+            rule = schedule_ternary_matmul
         elif name == "lm_head_int8":
             from .schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
 

@@ -70,7 +70,3 @@ def schedule_ternary_matmul_sdot(sch: s_tir.Schedule, row_blocks=None, k_unroll=
 # Knobs for `bitcompile tune --rpc` on the device: at most 8 row blocks of 4 NEON accumulators each.
 TERNARY_SDOT = Template(schedule_ternary_matmul_sdot, ternary_space((1, 2, 4, 8), (1, 2)))
 
-
-def arm_ternary_matmul_rule(target):
-    """The ARM ternary matmul schedule for `target`, or None where it has none (not dotprod)."""
-    return schedule_ternary_matmul_sdot if has_dotprod(target) else None
