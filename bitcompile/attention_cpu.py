@@ -8,13 +8,16 @@ softmax-state convention (scores in log2 units, lse = m + log2(sum)), and work i
 
 RoPE: our cache runs in RopeMode.NORMAL, where q and k are rotated before they reach the kernel
 (rotary_mode == 0); these kernels do not implement on-the-fly rotation and the graph never asks
-for it.
+for it. The rotation itself is `rope_cpu`, replacing TVM's fused_rope, which calls powf and sincosf
+for every element of every head (3840 of each per layer and token for the 2B shape, one thread
+in decode); ours computes the 64 cos/sin pairs of a position once and applies them to all heads.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from tvm.script import tirx as T
 
 CHUNK = 16
@@ -22,63 +25,95 @@ LOG2E = math.log2(math.exp(1))
 NEG = -5e4
 
 
+def _exp2_coefficients(degree: int = 6) -> list[float]:
+    """2**f on [0, 1) as a polynomial (Chebyshev fit, relative error 1e-7: float32 rounding level)."""
+    f = np.linspace(0.0, 1.0, 4097)
+    fit = np.polynomial.Chebyshev.fit(f, np.exp2(f), degree).convert(kind=np.polynomial.Polynomial)
+    return [float(c) for c in fit.coef]
+
+
+EXP2_COEFFICIENTS = _exp2_coefficients()
+
+
+def _exp2(x):
+    """2**x for x <= 0 as float32 arithmetic LLVM vectorizes (llvm.exp2 on a vector becomes one libm call
+    per lane): the polynomial of the fraction times 2**floor(x) built in the exponent bits."""
+    x = T.max(x, T.float32(-126.0))
+    whole = T.floor(x)
+    frac = x - whole
+    poly = T.float32(EXP2_COEFFICIENTS[-1])
+    for c in reversed(EXP2_COEFFICIENTS[:-1]):
+        poly = poly * frac + T.float32(c)
+    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
+
+
 def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32"):
     """The loop every kernel shares: one query row of one head against its first n_keys keys, keys in
-    chunks of 16 (16 dot products in 16-lane partials, one max and one rescale per chunk, P.V
-    16 lanes at a time). Keys come from the pages (paged) or from ragged k/v tensors. q, k, v and the
-    output are `dtype` (float32 or float16); the arithmetic is float32."""
+    chunks of 16. Per key, a 16-lane dot product summed as a tree (a serial sum of the lanes is a
+    15-add dependency chain); per chunk, one max, one rescale, the 16 exponentials as one vector
+    polynomial (no libm call, so nothing spills), then P.V 16 lanes at a time. Keys come from the pages
+    (paged) or from ragged k/v tensors. q, k, v and the output are `dtype` (float32 or float16); the
+    arithmetic is float32. (Sharing each key load among the query heads of a GQA group measured no
+    faster: with AVX-512 on Zen 4 the FMAs and conversions are the limit, not the loads.)"""
     lanes = 16 if D % 16 == 0 else 1
+    if paged and page_size % CHUNK:
+        raise NotImplementedError(f"page size {page_size} is not a multiple of {CHUNK}")
 
     def f32(value):
         return T.Cast("float32", value) if dtype != "float32" else value
 
     @T.macro
     def attend(q, keys, values, output, lse, row, h, hk, n_keys, first, page_values, sm_scale):
+        qf = T.sblock_alloc_buffer((D,), "float32")
         acc = T.sblock_alloc_buffer((D,), "float32")
         part = T.sblock_alloc_buffer((lanes,), "float32")
         S = T.sblock_alloc_buffer((CHUNK,), "float32")
         st = T.sblock_alloc_buffer((3,), "float32")  # running max, running sum, chunk max
         for d in T.vectorized(D):
+            qf[d] = f32(q[row, h, d]) * sm_scale * T.float32(LOG2E)
             acc[d] = T.float32(0)
         st[0] = T.float32(NEG)
         st[1] = T.float32(0)
         for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
+            page: T.let[T.int32] = page_values[first + c * CHUNK // page_size] if paged else 0
+            slot: T.let[T.int32] = c * CHUNK % page_size if paged else first + c * CHUNK
             st[2] = st[0]
             for t in T.serial(CHUNK):
                 if c * CHUNK + t < n_keys:
                     for l in T.vectorized(lanes):
                         part[l] = T.float32(0)
-                    for d0 in T.serial(D // lanes):
+                    for d0 in T.unroll(D // lanes):
                         for l in T.vectorized(lanes):
                             if paged:
-                                part[l] = part[l] + f32(q[row, h, d0 * lanes + l]) * f32(keys[
-                                    page_values[first + (c * CHUNK + t) // page_size], 0, hk,
-                                    (c * CHUNK + t) % page_size, d0 * lanes + l])
+                                part[l] = part[l] + qf[d0 * lanes + l] * f32(keys[page, 0, hk, slot + t, d0 * lanes + l])
                             else:
-                                part[l] = part[l] + f32(q[row, h, d0 * lanes + l]) * f32(
-                                    keys[first + c * CHUNK + t, hk, d0 * lanes + l])
-                    S[t] = T.float32(0)
-                    for l in T.serial(lanes):
-                        S[t] = S[t] + part[l]
-                    S[t] = S[t] * sm_scale * T.float32(LOG2E)
+                                part[l] = part[l] + qf[d0 * lanes + l] * f32(keys[slot + t, hk, d0 * lanes + l])
+                    if lanes == 16:
+                        for l in T.vectorized(8):
+                            part[l] = part[l] + part[l + 8]
+                        for l in T.vectorized(4):
+                            part[l] = part[l] + part[l + 4]
+                        S[t] = (part[0] + part[2]) + (part[1] + part[3])
+                    else:
+                        S[t] = part[0]
                     st[2] = T.max(st[2], S[t])
                 else:
                     S[t] = T.float32(NEG)
-            alpha: T.let[T.float32] = T.exp2(st[0] - st[2])
+            alpha: T.let[T.float32] = _exp2(st[0] - st[2])
             st[0] = st[2]
             st[1] = st[1] * alpha
             for d in T.vectorized(D):
                 acc[d] = acc[d] * alpha
+            for t in T.vectorized(CHUNK):
+                S[t] = _exp2(S[t] - st[0])
             for t in T.serial(CHUNK):
                 if c * CHUNK + t < n_keys:
-                    p: T.let[T.float32] = T.exp2(S[t] - st[0])
-                    st[1] = st[1] + p
+                    st[1] = st[1] + S[t]
                     for d in T.vectorized(D):
                         if paged:
-                            acc[d] = acc[d] + p * f32(values[page_values[first + (c * CHUNK + t) // page_size], 1,
-                                                             hk, (c * CHUNK + t) % page_size, d])
+                            acc[d] = acc[d] + S[t] * f32(values[page, 1, hk, slot + t, d])
                         else:
-                            acc[d] = acc[d] + p * f32(values[first + c * CHUNK + t, hk, d])
+                            acc[d] = acc[d] + S[t] * f32(values[slot + t, hk, d])
         for d in T.vectorized(D):
             output[row, h, d] = T.Cast(dtype, acc[d] / T.max(st[1], T.float32(1e-30)))
         lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
@@ -238,20 +273,75 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
     return batch_prefill_paged_kv_cpu
 
 
+def rope_cpu(theta: float, scale: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str,
+             rope_scaling: dict, rotary_dim: int | None = None):
+    """TVM's fused_rope (llama_rope_with_position_map, rotate-half, default scaling) with the same
+    signature and the same float32 formulas: split fused qkv [s, q+2kv heads, D] into q, k (rotated
+    by position_map[s]) and v. Parallel over positions; per position the D/2 frequencies' cos/sin are
+    computed once, then every head is rotated with vector arithmetic."""
+    if rope_scaling.get("rope_type", "default") != "default" or (rotary_dim or head_dim) != head_dim or head_dim % 2:
+        raise NotImplementedError("bitcompile's CPU RoPE supports full-width rotate-half RoPE without scaling")
+    D, half = head_dim, head_dim // 2
+    fused = num_q_heads + 2 * num_kv_heads
+
+    @T.macro
+    def rotate(qkv, out, s, h, oh, cs, apply_rope):
+        for d in T.vectorized(half):
+            lo: T.let[T.float32] = T.Cast("float32", qkv[s, h, d])
+            hi: T.let[T.float32] = T.Cast("float32", qkv[s, h, d + half])
+            out[s, oh, d] = T.if_then_else(apply_rope > 0, T.Cast(dtype, cs[0, d] * lo - cs[1, d] * hi), qkv[s, h, d])
+            out[s, oh, d + half] = T.if_then_else(apply_rope > 0, T.Cast(dtype, cs[0, d] * hi + cs[1, d] * lo),
+                                                  qkv[s, h, d + half])
+
+    @T.prim_func(s_tir=True)
+    def fused_rope(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle,
+                   var_v: T.handle, apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True, "tirx.is_scheduled": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, fused, D), dtype)
+        q = T.match_buffer(var_q, (seq_len, num_q_heads, D), dtype)
+        k = T.match_buffer(var_k, (seq_len, num_kv_heads, D), dtype)
+        v = T.match_buffer(var_v, (seq_len, num_kv_heads, D), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        for s in T.parallel(seq_len):
+            with T.sblock("rope"):
+                T.reads()
+                T.writes()
+                cs = T.sblock_alloc_buffer((2, half), "float32")
+                for d in T.serial(half):
+                    freq: T.let[T.float32] = T.Cast("float32", position_map[s]) * T.float32(scale) / T.pow(
+                        T.float32(theta), T.Cast("float32", d * 2) / T.float32(D))
+                    cs[0, d] = T.cos(freq)
+                    cs[1, d] = T.sin(freq)
+                for h in T.serial(num_q_heads):
+                    rotate(qkv, q, s, h, h, cs, apply_rope)
+                for h in T.serial(num_kv_heads):
+                    rotate(qkv, k, s, num_q_heads + h, h, cs, apply_rope)
+                    for d in T.vectorized(D):
+                        v[s, h, d] = qkv[s, num_q_heads + num_kv_heads + h, d]
+
+    return fused_rope
+
+
 def use_fast_cpu_attention():
-    """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention
-    (the sliding-window variants, which our models never call, keep TVM's own kernels)."""
+    """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention and
+    RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling, which our models never
+    use — TVM's own kernels are kept)."""
     import contextlib
 
     from tvm.relax.frontend.nn.llm import kv_cache
 
-    names = ("_attention_decode_cpu", "_attention_prefill_cpu", "_attention_prefill_ragged_cpu")
-    ours = (attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu)
+    names = ("_attention_decode_cpu", "_attention_prefill_cpu", "_attention_prefill_ragged_cpu",
+             "llama_rope_with_position_map")
+    ours = (attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu, rope_cpu)
 
     def with_fallback(mine, theirs):
         def make(*args, **kwargs):
-            sliding = kwargs.get("sliding_window", args[4] if len(args) > 4 and isinstance(args[4], bool) else False)
-            return theirs(*args, **kwargs) if sliding else mine(*args, **kwargs)
+            try:
+                return mine(*args, **kwargs)
+            except NotImplementedError:
+                return theirs(*args, **kwargs)
         return make
 
     @contextlib.contextmanager

@@ -85,3 +85,26 @@ def test_paged_prefill_sees_the_prefix_and_respects_causality(cached, new, causa
     for i in range(new):
         want, _ = attend(q[i], k, v, cached + i + 1 if causal else n)
         np.testing.assert_allclose(args[8].numpy()[i], want, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("apply_rope", [1, 0])
+def test_rope_rotates_q_and_k_and_passes_v(dtype, apply_rope):
+    from bitcompile.attention_cpu import rope_cpu
+
+    theta, n = 10000.0, 5
+    rng = np.random.default_rng(apply_rope)
+    qkv = rng.standard_normal((n, HQ + 2 * HKV, D)).astype(dtype)
+    positions = np.array([0, 1, 7, 300, 4095], np.int32)
+    args = t(qkv, positions, np.zeros((n, HQ, D), dtype), np.zeros((n, HKV, D), dtype), np.zeros((n, HKV, D), dtype))
+    build(rope_cpu(theta, 1.0, D, HQ, HKV, dtype, {}))(*args, apply_rope)
+
+    x = qkv.astype(np.float64)
+    angle = positions[:, None] * theta ** (-np.arange(0, D, 2) / D)  # [n, D/2]
+    cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    lo, hi = x[..., : D // 2], x[..., D // 2 :]
+    rotated = np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1) if apply_rope else x
+    tol = 2e-3 if dtype == "float16" else 2e-4  # float32 angles at position 4095 carry ~1e-4 rad
+    np.testing.assert_allclose(args[2].numpy(), rotated[:, :HQ], atol=tol * 4)
+    np.testing.assert_allclose(args[3].numpy(), rotated[:, HQ : HQ + HKV], atol=tol * 4)
+    np.testing.assert_array_equal(args[4].numpy(), qkv[:, HQ + HKV :])
