@@ -324,17 +324,56 @@ def rope_cpu(theta: float, scale: float, head_dim: int, num_q_heads: int, num_kv
     return fused_rope
 
 
+def merge_state_cpu(v_dtype: str):
+    """TVM's merge_state_inplace_cpu (combine two partial attention results by their log2-sum-exp
+    states: V = V*a + V_other*b, S = log2(2^S + 2^S_other)) with the same formulas, parallel over
+    (token, head) and vectorized over head_dim; TVM's is one serial scalar loop over all of it,
+    which prefill calls once per layer."""
+
+    @T.prim_func(s_tir=True)
+    def merge_state_inplace_cpu(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
+        T.func_attr({"tirx.is_scheduled": True})
+        N = T.int32()
+        H = T.int32()
+        D = T.int32()
+        V = T.match_buffer(v, (N, H, D), v_dtype)
+        S = T.match_buffer(s, (N, H), "float32")
+        V_other = T.match_buffer(v_other, (N, H, D), v_dtype)
+        S_other = T.match_buffer(s_other, (N, H), "float32")
+        for nh in T.parallel(N * H):
+            with T.sblock("merge"):
+                T.reads()
+                T.writes()
+                n: T.let[T.int32] = nh // H
+                h: T.let[T.int32] = nh % H
+                s_max: T.let[T.float32] = T.max(S[n, h], S_other[n, h])
+                mine: T.let[T.float32] = T.exp2(S[n, h] - s_max)
+                other: T.let[T.float32] = T.exp2(S_other[n, h] - s_max)
+                scale: T.let[T.float32] = mine / (mine + other)
+                other_scale: T.let[T.float32] = other / (mine + other)
+                for d0 in T.serial(D // 16):
+                    for l in T.vectorized(16):
+                        V[n, h, d0 * 16 + l] = T.Cast(v_dtype, T.Cast("float32", V[n, h, d0 * 16 + l]) * scale
+                                                      + T.Cast("float32", V_other[n, h, d0 * 16 + l]) * other_scale)
+                for d in T.serial(D % 16):
+                    V[n, h, D // 16 * 16 + d] = T.Cast(v_dtype, T.Cast("float32", V[n, h, D // 16 * 16 + d]) * scale
+                                                       + T.Cast("float32", V_other[n, h, D // 16 * 16 + d]) * other_scale)
+                S[n, h] = T.log2(mine + other) + s_max
+
+    return merge_state_inplace_cpu
+
+
 def use_fast_cpu_attention():
-    """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention and
-    RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling, which our models never
+    """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention,
+    state merging and RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling, which our models never
     use — TVM's own kernels are kept)."""
     import contextlib
 
     from tvm.relax.frontend.nn.llm import kv_cache
 
     names = ("_attention_decode_cpu", "_attention_prefill_cpu", "_attention_prefill_ragged_cpu",
-             "llama_rope_with_position_map")
-    ours = (attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu, rope_cpu)
+             "llama_rope_with_position_map", "_merge_state_inplace_cpu")
+    ours = (attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu, rope_cpu, merge_state_cpu)
 
     def with_fallback(mine, theirs):
         def make(*args, **kwargs):

@@ -108,3 +108,20 @@ def test_rope_rotates_q_and_k_and_passes_v(dtype, apply_rope):
     np.testing.assert_allclose(args[2].numpy(), rotated[:, :HQ], atol=tol * 4)
     np.testing.assert_allclose(args[3].numpy(), rotated[:, HQ : HQ + HKV], atol=tol * 4)
     np.testing.assert_array_equal(args[4].numpy(), qkv[:, HQ + HKV :])
+
+
+@pytest.mark.parametrize("dtype, d", [("float32", 32), ("float16", 40)])
+def test_merge_state_combines_two_partial_softmaxes(dtype, d):
+    from bitcompile.attention_cpu import merge_state_cpu
+
+    rng = np.random.default_rng(d)
+    n, h = 6, 3
+    v, v_other = rng.standard_normal((2, n, h, d)).astype(dtype)
+    s, s_other = (rng.standard_normal((2, n, h)) * 4).astype(np.float32)
+    args = t(v, s, v_other, s_other)
+    build(merge_state_cpu(dtype))(*args)
+
+    a, b = np.exp2(s.astype(np.float64)), np.exp2(s_other.astype(np.float64))  # softmax masses of the two parts
+    want = (v * a[..., None] + v_other * b[..., None]) / (a + b)[..., None]
+    np.testing.assert_allclose(args[0].numpy(), want, atol=2e-3 if dtype == "float16" else 1e-5)
+    np.testing.assert_allclose(args[1].numpy(), np.log2(a + b), atol=1e-5)
