@@ -61,7 +61,6 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     if engine == "bitcompile":
         os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
-        without_torch()
         from .runtime import Engine
 
         e = Engine(path, context_length=context)
@@ -73,14 +72,6 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
         result = _time_engine(e.prefill, e.decode, e.vocab_size, prompt, gen)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
-
-
-def without_torch():
-    """tvm_ffi imports torch whenever it is installed (hundreds of MB, and a Python heap the garbage
-    collector keeps walking); the runtime never uses it, so processes of ours that only run
-    artifacts keep it out."""
-    if "tvm" not in sys.modules:
-        sys.modules.setdefault("torch", None)
 
 
 def peak_rss_mb() -> float:

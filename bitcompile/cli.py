@@ -97,10 +97,7 @@ def cmd_run(args):
     source = Path(args.model) if args.model else shipped_model()
     artifact = artifact_for(source, args.target)
     if "tvm" not in sys.modules:
-        from .bench import without_torch
-
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # nothing was compiled: load only the TVM runtime
-        without_torch()
     from .runtime import Engine
 
     engine = Engine(artifact, context_length=args.context)

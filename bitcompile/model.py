@@ -46,17 +46,21 @@ class TernaryLinear(nn.Module):
 
 
 class BF16Embedding(nn.Module):
-    """Token embedding (and tied lm_head) as bf16 bit patterns: exact, half the bytes of f32."""
+    """Token embedding (and tied lm_head) as bf16 bit patterns: exact, half the bytes of f32.
+
+    The graph takes the prompt's rows, not its ids: the runtime reads those few rows of the table from
+    the parameter file itself (runtime.Engine._embedding_rows). A gather from the memory-mapped table
+    would make the kernel map 64 KB around every row it touches (fault-around), tens of MB of RSS
+    for the ~5 KB rows a prompt needs."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         self.weight = nn.Parameter((vocab_size, hidden_size), "uint16")
 
-    def forward(self, ids: Tensor) -> Tensor:
-        b, s = ids.shape
-        flat = op.reshape(ids, (-1,))
-        h = op.tensor_expr_op(ternary_ops.embedding_bf16, "embedding", [flat, self.weight],
+    def forward(self, rows: Tensor) -> Tensor:
+        b, s, h = rows.shape
+        x = op.tensor_expr_op(ternary_ops.embedding_bf16, "embedding", [op.reshape(rows, (-1, h))],
                               attrs=ternary_ops.op_attrs("embedding"))
-        return op.reshape(h, (b, s, -1))
+        return op.reshape(x, (b, s, h))
 
     def lm_head(self, x: Tensor) -> Tensor:
         b, s, h = x.shape
@@ -156,18 +160,19 @@ class BitNetForCausalLM(nn.Module):
     def _logits(self, hidden: Tensor) -> Tensor:
         return self.embed_tokens.lm_head(hidden) if self.shares_embedding else self.lm_head(hidden)
 
-    def _hidden(self, ids: Tensor, cache: PagedKVCache) -> Tensor:
-        h = self.embed_tokens(ids)
+    def _hidden(self, rows: Tensor, cache: PagedKVCache) -> Tensor:
+        h = self.embed_tokens(rows)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, cache, layer_id)
         return self.norm(h)
 
-    def prefill(self, input_ids: Tensor, cache: PagedKVCache):
-        """Final hidden states of every prompt position (logits come from `head`)."""
-        return self._hidden(input_ids, cache), cache
+    def prefill(self, token_rows: Tensor, cache: PagedKVCache):
+        """Final hidden states of every prompt position (logits come from `head`). token_rows: the
+        tokens' embedding rows, bf16 bits [1, seq_len, hidden]."""
+        return self._hidden(token_rows, cache), cache
 
-    def decode(self, input_ids: Tensor, cache: PagedKVCache):
-        return self._logits(self._hidden(input_ids, cache)), cache
+    def decode(self, token_rows: Tensor, cache: PagedKVCache):
+        return self._logits(self._hidden(token_rows, cache)), cache
 
     def head(self, hidden: Tensor) -> Tensor:
         return self._logits(hidden)
@@ -205,8 +210,8 @@ class BitNetForCausalLM(nn.Module):
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
         return nn.spec.ModuleSpec.from_raw({
-            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
-            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
+            "prefill": {"token_rows": nn.spec.Tensor([1, "seq_len", h], "uint16"), "cache": cache, "$": packed},
+            "decode": {"token_rows": nn.spec.Tensor([1, 1, h], "uint16"), "cache": cache, "$": packed},
             "head": {"hidden": nn.spec.Tensor([1, "n", h], "float32"), "$": packed},
             "head_last": {"hidden": nn.spec.Tensor([1, "seq_len", h], "float32"), "$": packed},
             "create_kv_cache": {

@@ -7,17 +7,37 @@ call per token.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .artifact import LIBRARY, PARAMS, TOKENIZER, read_manifest, read_params, verify_files
+from .artifact import LIBRARY, PARAMS, TOKENIZER, ArtifactError, read_manifest, read_params, verify_files
 from .config import ModelConfig
 from .sampling import Sampler, SamplingParams
 from .targets import check_runnable
 
 PAGE_SIZE = 16
+EMBEDDING = "embed_tokens.weight"
+
+
+def import_tvm_runtime():
+    """import tvm to run artifacts. tvm_ffi imports PyTorch whenever it is installed (about 200 MB of
+    RSS, and a Python heap the garbage collector keeps walking) for tensor interop the runtime never
+    uses; unless this process already has torch, torch is hidden while tvm loads (importable after)."""
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        import tvm
+
+        return tvm
+    sys.modules["torch"] = None
+    try:
+        import tvm
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return tvm
 
 
 class PromptError(ValueError):
@@ -27,7 +47,7 @@ class PromptError(ValueError):
 class Engine:
     """A loaded artifact. `logits`, `generate` and `stream` are the API tools and tests rely on."""
 
-    def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 256):
+    def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 128):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         verify_files(self.path, self.manifest)
@@ -40,7 +60,7 @@ class Engine:
         self.context_length = context_length or limit
         self.prefill_chunk = min(prefill_chunk, self.context_length)
 
-        import tvm  # runtime only: nothing here touches the compiler
+        tvm = import_tvm_runtime()  # runtime only: nothing here touches the compiler
         from tokenizers import Tokenizer
         from tvm.runtime.vm import VirtualMachine
 
@@ -49,6 +69,8 @@ class Engine:
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / LIBRARY)), self.device)
         arrays = read_params(self.path / PARAMS, self.manifest["params"], self.manifest["param_order"])
         self._params = [self._on_device(a) for a in arrays]
+        self._params_file = open(self.path / PARAMS, "rb", buffering=0)  # embedding rows are read, not mapped
+        self._table = self.manifest["params"][EMBEDDING]
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
         self._kv = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
                     for name in ("add_sequence", "begin_forward", "end_forward", "clear")}
@@ -69,10 +91,21 @@ class Engine:
         self._kv["add_sequence"](self._cache, 0)
         self._cache_len = 0
 
+    def _embedding_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """The tokens' rows of the embedding table (bf16 bits [1, len, hidden]), read from the parameter
+        file: mapping the table instead would fault in 64 KB around each row (see model.BF16Embedding)."""
+        hidden = self._table["shape"][1]
+        rows = np.empty((1, len(ids), hidden), np.uint16)
+        for row, token in zip(rows[0], ids):
+            offset = self._table["offset"] + int(token) * hidden * 2
+            if os.preadv(self._params_file.fileno(), [row], offset) != row.nbytes:
+                raise ArtifactError(f"{self.path / PARAMS}: truncated embedding table; recompile the model")
+        return rows
+
     def _run(self, fn: str, ids: Sequence[int]):
         """Append `ids` to the sequence in the cache through `fn` (prefill or decode)."""
         shape = self._tvm.runtime.ShapeTuple
-        tokens = self._tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
+        tokens = self._tvm.runtime.tensor(self._embedding_rows(ids), self.device)
         self._kv["begin_forward"](self._cache, shape([0]), shape([len(ids)]))
         out, self._cache = self._vm[fn](tokens, self._cache, self._params)
         self._kv["end_forward"](self._cache)

@@ -80,10 +80,9 @@ def bf16_to_f32(bits):
     return tirx.reinterpret("float32", bits.astype("uint32") << tirx.const(16, "uint32"))
 
 
-def embedding_bf16(ids: te.Tensor, table: te.Tensor):
-    (s,) = ids.shape
-    h = table.shape[1]
-    return te.compute((s, h), lambda i, j: bf16_to_f32(table[ids[i], j]), name="embed")
+def embedding_bf16(rows: te.Tensor):
+    """The prompt's embedding rows (bf16 bit patterns, gathered from the table by the runtime) as f32."""
+    return te.compute(rows.shape, lambda i, j: bf16_to_f32(rows[i, j]), name="embed")
 
 
 def _head_matvec(x: te.Tensor, rows: int, weight_at):

@@ -62,3 +62,24 @@ def test_artifact_runs_without_the_tvm_compiler(artifacts, checkpoints, tmp_path
     got = np.load(tmp_path / "logits.npy")
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
     assert result["text"]
+
+
+def test_embedding_rows_are_read_from_the_file_exactly(engine, checkpoints):
+    """The runtime reads the prompt's embedding rows itself (no mapped gather); they must be the
+    checkpoint's bf16 rows bit for bit, in prompt order, repeats included."""
+    table = load_checkpoint(checkpoints["autobitlinear"]).embed.view(np.uint16)
+    ids = [5, 0, len(table) - 1, 5, 17]
+    np.testing.assert_array_equal(engine._embedding_rows(ids)[0], table[ids])
+
+
+def test_runtime_keeps_torch_out_of_the_process_but_importable():
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        import pytest
+
+        pytest.skip("torch is not installed here, so there is nothing to keep out")
+    script = ("import sys\nfrom bitcompile.runtime import import_tvm_runtime\nimport_tvm_runtime()\n"
+              "print('torch' in sys.modules)\nimport torch\nprint(torch.ones(2).sum().item())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "2.0"]
