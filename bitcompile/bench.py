@@ -74,6 +74,32 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     return result
 
 
+def gemv_worker(config_json: str) -> list[dict]:
+    """Runs inside a subprocess (TVM_NUM_THREADS set before TVM starts): the decode GEMVs alone."""
+    from .config import ModelConfig
+    from .tune import decode_gemv_times
+
+    return decode_gemv_times(ModelConfig.from_dict(json.loads(config_json)))
+
+
+def measure_gemvs(cfg, threads: int, bandwidth: float) -> list[dict]:
+    """The model's decode GEMV kernels alone, each with its weights' GB/s and fraction of the measured
+    read bandwidth; the last row is all of them together (one layer's GEMV time)."""
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "bitcompile.bench", "gemv", json.dumps(cfg.to_dict())]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"GEMV kernel benchmark failed:\n{out.stderr[-3000:]}")
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append({"kernel": "all decode GEMVs of a layer", "weight_bytes": sum(r["weight_bytes"] for r in rows),
+                 "us": sum(r["us"] for r in rows), "tuned": all(r["tuned"] for r in rows)})
+    for r in rows:
+        r["threads"] = threads
+        r["gbps"] = r["weight_bytes"] / r["us"] / 1e3
+        r["floor_fraction"] = r["gbps"] / bandwidth
+    return rows
+
+
 def peak_rss_mb() -> float:
     """VmHWM of this process (ru_maxrss would carry the parent's high-water mark across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -157,8 +183,10 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     bandwidth = {n: max(b, measure_bandwidth(n)) for n, b in bandwidth.items()}
     for r in runs:
         r["floor_fraction"] = r["gbps"] / bandwidth[r["threads"]]
+    say("timing the decode GEMV kernels alone...")
+    kernels = [row for n in threads for row in measure_gemvs(cfg, n, bandwidth[n])]
     report = {"bandwidth_gbps": max(bandwidth.values()), "bandwidth_by_threads": bandwidth,
-              "model": str(model), "prompt": prompt, "gen": gen, "repeat": repeat, "runs": runs}
+              "model": str(model), "prompt": prompt, "gen": gen, "repeat": repeat, "runs": runs, "kernels": kernels}
     say(format_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -202,9 +230,17 @@ def format_table(report: dict) -> str:
         if ("bitcompile", n) in by and ("onnxruntime", n) in by:
             lines.append(f"{n} thread(s): decode {by['bitcompile', n]['decode_tok_s'] / by['onnxruntime', n]['decode_tok_s']:.2f}x, "
                          f"prefill {by['bitcompile', n]['prefill_tok_s'] / by['onnxruntime', n]['prefill_tok_s']:.2f}x ONNX Runtime")
+    if report.get("kernels"):
+        lines.append("decode GEMV kernels alone (cold cache, as scheduled by compile):")
+        for k in report["kernels"]:
+            lines.append(f"  {k['kernel']:34s} {k['threads']} thr {k['us']:8.1f} us {k['gbps']:6.1f} GB/s "
+                         f"{100 * k['floor_fraction']:6.1f}% of read bandwidth" + ("" if k["tuned"] else " (untuned)"))
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    engine, path, threads, prompt, gen = sys.argv[1:6]
-    print(json.dumps(worker(engine, path, int(threads), int(prompt), int(gen))))
+    if sys.argv[1] == "gemv":
+        print(json.dumps(gemv_worker(sys.argv[2])))
+    else:
+        engine, path, threads, prompt, gen = sys.argv[1:6]
+        print(json.dumps(worker(engine, path, int(threads), int(prompt), int(gen))))

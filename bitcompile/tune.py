@@ -333,6 +333,61 @@ def _kernel_args(tokens: int, n: int, k: int, rng) -> list[np.ndarray]:
             np.ones(n, np.float32), np.zeros((tokens, n), np.float32), weights]
 
 
+def decode_gemv_shapes(config) -> list[tuple[int, int]]:
+    """(rows, inputs) of the model's decode ternary GEMVs, fused as model.py fuses them: qkv, o,
+    gate/up, down."""
+    h = config.hidden_size
+    return [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * config.intermediate_size, h),
+            (h, config.intermediate_size)]
+
+
+STREAM_BYTES = 128 << 20  # weight copies to rotate through: 4x this machine's L3
+
+
+def _streaming_seconds(lib, args: list[np.ndarray], weights: int = 3) -> float:
+    """Seconds per call when every call reads weights that are not in any cache, as in the model (each
+    layer's weights are read once per token): back-to-back calls over copies of the weights that
+    together hold STREAM_BYTES; median of 5 passes. (A cache flush before each timed run, as tuning
+    does to rank candidates, measured these kernels 30-45% slower than the model runs them.)"""
+    kernel = tvm.runtime.load_module(str(export_kernel(lib)))["main"]
+    copies = max(2, STREAM_BYTES // args[weights].nbytes)
+    shared = [tvm.runtime.tensor(a) for a in args]
+    sets = [shared[:weights] + [tvm.runtime.tensor(args[weights].copy())] + shared[weights + 1:] for _ in range(copies)]
+    passes = []
+    for _ in range(6):  # the first pass warms up (thread pool, page tables)
+        start = time.perf_counter()
+        for arguments in sets:
+            kernel(*arguments)
+        passes.append((time.perf_counter() - start) / copies)
+    return float(np.median(passes[1:]))
+
+
+def decode_gemv_times(config, schedules=None) -> list[dict]:
+    """Each decode ternary GEMV of the model alone on this machine, scheduled as `compile` schedules
+    it (its tuning record, else the default), its weights streamed from memory as in the model
+    (_streaming_seconds): [{kernel, weight_bytes, us, tuned}]. Threads: TVM_NUM_THREADS."""
+    from .schedule import schedule_ternary_matmul
+
+    target = tvm.target.Target(resolve_target("host").tvm)
+    store = RecordStore(schedules, target)
+    rng = np.random.default_rng(0)
+    rows = []
+    for n, k in decode_gemv_shapes(config):
+        func = ternary_ops.ternary_matmul_func(1, n, k)
+        template = tunable_template(func, target)
+        knobs = store.lookup(func) if template else None
+        if template:
+            lib = _build(func, template, knobs or {}, target)
+        else:
+            sch = s_tir.Schedule(func)
+            schedule_ternary_matmul(sch)
+            lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
+        seconds = _streaming_seconds(lib, _kernel_args(1, n, k, rng)[:-1])
+        rows.append({"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "us": seconds * 1e6,
+                     "tuned": knobs is not None})
+    return rows
+
+
 def verify(task: Task, target, knobs: dict, device: Device | None = None):
     """Build the kernel with `knobs`, run it on the device, and check it against exact integer numpy
     results; raise if wrong."""

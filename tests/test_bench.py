@@ -22,8 +22,18 @@ def test_bench_reports_both_engines(checkpoints, tmp_path, monkeypatch, capsys):
             assert r[key] > 0, key
         assert r["bytes_per_token"] > kv_bytes_per_token(cfg, 16)  # weights on top of the KV cache
         assert abs(r["floor_fraction"] - r["gbps"] / report["bandwidth_by_threads"]["1"]) < 1e-9
+    kernels = report["kernels"]  # the tiny model's 4 decode GEMVs alone, then their sum
+    assert [k["kernel"] for k in kernels[:4]] == [f"ternary_matmul decode {n}x{k}"
+                                                  for n, k in ((cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size),
+                                                               (cfg.hidden_size, cfg.q_size),
+                                                               (2 * cfg.intermediate_size, cfg.hidden_size),
+                                                               (cfg.hidden_size, cfg.intermediate_size))]
+    assert kernels[4]["weight_bytes"] == sum(k["weight_bytes"] for k in kernels[:4])
+    for k in kernels:
+        assert k["us"] > 0 and abs(k["gbps"] - k["weight_bytes"] / k["us"] / 1e3) < 1e-9
+        assert abs(k["floor_fraction"] - k["gbps"] / report["bandwidth_by_threads"]["1"]) < 1e-9
     table = capsys.readouterr().out
-    assert "decode tok/s" in table and "x ONNX Runtime" in table
+    assert "decode tok/s" in table and "x ONNX Runtime" in table and "decode GEMV kernels alone" in table
 
 
 def test_bandwidth_measure_is_plausible():
