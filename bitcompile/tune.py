@@ -344,34 +344,36 @@ def decode_gemv_shapes(config) -> list[tuple[int, int]]:
 STREAM_BYTES = 128 << 20  # weight copies to rotate through: 4x this machine's L3
 
 
-def _streaming_seconds(lib, args: list[np.ndarray], weights: int = 3) -> float:
-    """Seconds per call when every call reads weights that are not in any cache, as in the model (each
-    layer's weights are read once per token): back-to-back calls over copies of the weights that
-    together hold STREAM_BYTES; median of 5 passes. (A cache flush before each timed run, as tuning
-    does to rank candidates, measured these kernels 30-45% slower than the model runs them.)"""
+def streaming_pass(lib, args: list[np.ndarray], weights: int = 3):
+    """A function timing one pass of back-to-back calls, each reading weights that are in no cache, as
+    in the model (each layer's weights are read once per token): the calls rotate over copies of the
+    weights that together hold STREAM_BYTES. It returns seconds per call. (A cache flush before each
+    timed run, as tuning does to rank candidates, is slower than the model runs the kernels.)"""
     kernel = tvm.runtime.load_module(str(export_kernel(lib)))["main"]
     copies = max(2, STREAM_BYTES // args[weights].nbytes)
     shared = [tvm.runtime.tensor(a) for a in args]
     sets = [shared[:weights] + [tvm.runtime.tensor(args[weights].copy())] + shared[weights + 1:] for _ in range(copies)]
-    passes = []
-    for _ in range(6):  # the first pass warms up (thread pool, page tables)
+
+    def one_pass() -> float:
         start = time.perf_counter()
         for arguments in sets:
             kernel(*arguments)
-        passes.append((time.perf_counter() - start) / copies)
-    return float(np.median(passes[1:]))
+        return (time.perf_counter() - start) / copies
+
+    one_pass()  # warm up: thread pool, page tables
+    return one_pass
 
 
-def decode_gemv_times(config, schedules=None) -> list[dict]:
-    """Each decode ternary GEMV of the model alone on this machine, scheduled as `compile` schedules
-    it (its tuning record, else the default), its weights streamed from memory as in the model
-    (_streaming_seconds): [{kernel, weight_bytes, us, tuned}]. Threads: TVM_NUM_THREADS."""
+def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
+    """Each decode ternary GEMV of the model built alone for this machine, scheduled as `compile`
+    schedules it (its tuning record, else the default): [({kernel, weight_bytes, tuned}, pass)], where
+    pass() times the kernel streaming its weights (streaming_pass). Threads: TVM_NUM_THREADS."""
     from .schedule import schedule_ternary_matmul
 
     target = tvm.target.Target(resolve_target("host").tvm)
     store = RecordStore(schedules, target)
     rng = np.random.default_rng(0)
-    rows = []
+    kernels = []
     for n, k in decode_gemv_shapes(config):
         func = ternary_ops.ternary_matmul_func(1, n, k)
         template = tunable_template(func, target)
@@ -382,10 +384,9 @@ def decode_gemv_times(config, schedules=None) -> list[dict]:
             sch = s_tir.Schedule(func)
             schedule_ternary_matmul(sch)
             lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
-        seconds = _streaming_seconds(lib, _kernel_args(1, n, k, rng)[:-1])
-        rows.append({"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "us": seconds * 1e6,
-                     "tuned": knobs is not None})
-    return rows
+        info = {"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "tuned": knobs is not None}
+        kernels.append((info, streaming_pass(lib, _kernel_args(1, n, k, rng)[:-1])))
+    return kernels
 
 
 def verify(task: Task, target, knobs: dict, device: Device | None = None):
