@@ -96,3 +96,18 @@ def test_f16_kv_cache_error_is_stated(checkpoints, tmp_path):
     decode_err = max(np.abs(engine.step(t) - want[i]).max() / scale for i, t in enumerate(ids[40:], start=40))
     assert 0 < prefill_err <= 5e-3 and 0 < decode_err <= 5e-3
     assert json.loads((art / "manifest.json").read_text())["weights"]["kv_cache"] == "f16"
+
+
+def test_avx2_target_runs_without_avx512_and_equals_reference(checkpoints, tmp_path):
+    """The x86-64-avx2 preset (no VNNI: the portable ternary schedule) runs on this AVX-512 host, so its
+    logits can be checked here; its code must not touch a 512-bit register."""
+    import subprocess
+
+    art = bitcompile.compile(checkpoints["autobitlinear"], target="x86-64-avx2", output=tmp_path / "avx2.bitc",
+                             progress=False)
+    code = subprocess.run(["objdump", "-d", str(art / "model.so")], capture_output=True, text=True, check=True).stdout
+    assert "ymm" in code and "zmm" not in code and "vpdpbusd" not in code
+    engine = bitcompile.load(art)
+    ids = np.random.default_rng(5).integers(0, engine.config.vocab_size, 40).tolist()
+    want = ReferenceModel(load_checkpoint(checkpoints["autobitlinear"])).logits(ids)
+    assert np.abs(engine.logits(ids) - want).max() <= TOLERANCE * np.abs(want).max()
