@@ -86,6 +86,7 @@ def gemv_worker(config_json: str, threads: int, rounds: int = 7) -> list[dict]:
     data = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
     rows = []
     with ThreadPoolExecutor(threads) as pool:
+        _read_pass(pool, data, threads)  # warm up: the pool's threads, the array's pages
         for info, one_pass in decode_gemv_kernels(ModelConfig.from_dict(json.loads(config_json))):
             seconds, fractions = [], []
             for _ in range(rounds):

@@ -244,18 +244,51 @@ def search(task: Task, target, work_dir: Path, trials: int, device: Device, runn
 FINALISTS = 3  # the search's best few are timed again before one is chosen
 
 
-def choose(task: Task, target, finalists: list[dict], device: "Device") -> tuple[dict, float | None]:
-    """Time each finalist again, many cold runs each, and keep the lowest *mean*. One median from the
-    search can flatter a knob setting whose time is bimodal on a busy machine (seen: 2.1 vs 4.1 ms
-    for the same prefill kernel); the mean of fresh runs does not."""
+STREAM_BYTES = 128 << 20  # weight copies to rotate through: 4x this machine's L3
+
+
+def streaming_pass(lib, args: list[np.ndarray], weights: int = 3):
+    """A function timing one pass of back-to-back calls, each reading weights that are in no cache, as
+    in the model (each layer's weights are read once per token): the calls rotate over copies of the
+    weights that together hold STREAM_BYTES. It returns seconds per call. (A cache flush before each
+    timed run, as tuning does to rank candidates, is slower than the model runs the kernels.)"""
+    kernel = tvm.runtime.load_module(str(export_kernel(lib)))["main"]
+    copies = max(2, STREAM_BYTES // args[weights].nbytes)
+    shared = [tvm.runtime.tensor(a) for a in args]
+    sets = [shared[:weights] + [tvm.runtime.tensor(args[weights].copy())] + shared[weights + 1:] for _ in range(copies)]
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for arguments in sets:
+            kernel(*arguments)
+        return (time.perf_counter() - start) / copies
+
+    one_pass()  # warm up: thread pool, page tables
+    return one_pass
+
+
+def choose(task: Task, target, finalists: list[dict], device: "Device", rounds: int = 8) -> tuple[dict, float | None]:
+    """Time each finalist again and keep the lowest *mean* (one median from the search can flatter a
+    knob setting whose time is bimodal on a busy machine: seen 2.1 vs 4.1 ms for one prefill kernel).
+    Here the finalists stream their weights from memory as the model does (streaming_pass), in
+    interleaved rounds, so a neighbour's burst on a shared machine hits all of them alike; on an RPC
+    device, 20 cold runs each."""
     if len(finalists) == 1:
         return finalists[0], None
     tokens, n, k = task.shape
     *args, _ = _kernel_args(tokens or PREFILL_TOKENS, n, k, np.random.default_rng(0))
-    timed = [(_mean_seconds(device, _build(task.measured_func(), task.template, knobs, target), args), knobs)
-             for knobs in finalists]
-    seconds, knobs = min(timed, key=lambda t: t[0])
-    return knobs, seconds * 1e6
+    libs = [_build(task.measured_func(), task.template, knobs, target) for knobs in finalists]
+    if device.tracker is None:
+        passes = [streaming_pass(lib, args) for lib in libs]
+        seconds = [[] for _ in passes]
+        for _ in range(rounds):
+            for times, one_pass in zip(seconds, passes):
+                times.append(one_pass())
+        means = [float(np.mean(times)) for times in seconds]
+    else:
+        means = [_mean_seconds(device, lib, args) for lib in libs]
+    best = int(np.argmin(means))
+    return finalists[best], means[best] * 1e6
 
 
 def _mean_seconds(device: "Device", lib, args) -> float:
@@ -339,29 +372,6 @@ def decode_gemv_shapes(config) -> list[tuple[int, int]]:
     h = config.hidden_size
     return [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * config.intermediate_size, h),
             (h, config.intermediate_size)]
-
-
-STREAM_BYTES = 128 << 20  # weight copies to rotate through: 4x this machine's L3
-
-
-def streaming_pass(lib, args: list[np.ndarray], weights: int = 3):
-    """A function timing one pass of back-to-back calls, each reading weights that are in no cache, as
-    in the model (each layer's weights are read once per token): the calls rotate over copies of the
-    weights that together hold STREAM_BYTES. It returns seconds per call. (A cache flush before each
-    timed run, as tuning does to rank candidates, is slower than the model runs the kernels.)"""
-    kernel = tvm.runtime.load_module(str(export_kernel(lib)))["main"]
-    copies = max(2, STREAM_BYTES // args[weights].nbytes)
-    shared = [tvm.runtime.tensor(a) for a in args]
-    sets = [shared[:weights] + [tvm.runtime.tensor(args[weights].copy())] + shared[weights + 1:] for _ in range(copies)]
-
-    def one_pass() -> float:
-        start = time.perf_counter()
-        for arguments in sets:
-            kernel(*arguments)
-        return (time.perf_counter() - start) / copies
-
-    one_pass()  # warm up: thread pool, page tables
-    return one_pass
 
 
 def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
