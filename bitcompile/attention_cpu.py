@@ -47,14 +47,16 @@ def _exp2(x):
     return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
 
 
-def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32"):
-    """The loop every kernel shares: one query row of one head against its first n_keys keys, keys in
-    chunks of 16. Per key, a 16-lane dot product summed as a tree (a serial sum of the lanes is a
-    15-add dependency chain); per chunk, one max, one rescale, the 16 exponentials as one vector
-    polynomial (no libm call, so nothing spills), then P.V 16 lanes at a time. Keys come from the pages
-    (paged) or from ragged k/v tensors. q, k, v and the output are `dtype` (float32 or float16); the
-    arithmetic is float32. (Sharing each key load among the query heads of a GQA group measured no
-    faster: with AVX-512 on Zen 4 the FMAs and conversions are the limit, not the loads.)"""
+def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", pair: bool = False):
+    """The loop every kernel shares: one query row of head h (and h + 1 when `pair`: two heads of one
+    kv head, so each key and value is loaded and converted once for both; measured 1.3-1.5x faster
+    decode attention) against its first n_keys keys, in chunks of 16. Per key, a 16-lane dot product
+    summed as a tree (a serial sum of the lanes is a 15-add dependency chain); per chunk, one max, one
+    rescale, the 16 exponentials as one vector polynomial (no libm call, so nothing spills), then P.V
+    16 lanes at a time. Keys come from the pages (paged) or from ragged k/v tensors. q, k, v and the
+    output are `dtype` (float32 or float16); the arithmetic is float32. Every buffer is one head's and
+    under 1 KB: TVM keeps those on the stack, where LLVM holds them in registers and knows they do not
+    alias the cache (larger ones come from TVM's workspace pool and run slower)."""
     lanes = 16 if D % 16 == 0 else 1
     if paged and page_size % CHUNK:
         raise NotImplementedError(f"page size {page_size} is not a multiple of {CHUNK}")
@@ -62,61 +64,98 @@ def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32"):
     def f32(value):
         return T.Cast("float32", value) if dtype != "float32" else value
 
+    def key(keys, page, hk, pos, d):
+        return f32(keys[page, 0, hk, pos, d]) if paged else f32(keys[pos, hk, d])
+
+    def value(values, page, hk, pos, d):
+        return f32(values[page, 1, hk, pos, d]) if paged else f32(values[pos, hk, d])
+
     @T.macro
-    def attend(q, keys, values, output, lse, row, h, hk, n_keys, first, page_values, sm_scale):
-        qf = T.sblock_alloc_buffer((D,), "float32")
-        acc = T.sblock_alloc_buffer((D,), "float32")
-        part = T.sblock_alloc_buffer((lanes,), "float32")
-        S = T.sblock_alloc_buffer((CHUNK,), "float32")
-        st = T.sblock_alloc_buffer((3,), "float32")  # running max, running sum, chunk max
+    def init(q, qf, acc, st, row, h, sm_scale):
         for d in T.vectorized(D):
             qf[d] = f32(q[row, h, d]) * sm_scale * T.float32(LOG2E)
             acc[d] = T.float32(0)
-        st[0] = T.float32(NEG)
+        st[0] = T.float32(NEG)  # running max, running sum, this chunk's max
         st[1] = T.float32(0)
-        for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
-            page: T.let[T.int32] = page_values[first + c * CHUNK // page_size] if paged else 0
-            slot: T.let[T.int32] = c * CHUNK % page_size if paged else first + c * CHUNK
-            st[2] = st[0]
-            for t in T.serial(CHUNK):
-                if c * CHUNK + t < n_keys:
-                    for l in T.vectorized(lanes):
-                        part[l] = T.float32(0)
-                    for d0 in T.unroll(D // lanes):
-                        for l in T.vectorized(lanes):
-                            if paged:
-                                part[l] = part[l] + qf[d0 * lanes + l] * f32(keys[page, 0, hk, slot + t, d0 * lanes + l])
-                            else:
-                                part[l] = part[l] + qf[d0 * lanes + l] * f32(keys[slot + t, hk, d0 * lanes + l])
-                    if lanes == 16:
-                        for l in T.vectorized(8):
-                            part[l] = part[l] + part[l + 8]
-                        for l in T.vectorized(4):
-                            part[l] = part[l] + part[l + 4]
-                        S[t] = (part[0] + part[2]) + (part[1] + part[3])
-                    else:
-                        S[t] = part[0]
-                    st[2] = T.max(st[2], S[t])
-                else:
-                    S[t] = T.float32(NEG)
-            alpha: T.let[T.float32] = _exp2(st[0] - st[2])
-            st[0] = st[2]
-            st[1] = st[1] * alpha
-            for d in T.vectorized(D):
-                acc[d] = acc[d] * alpha
-            for t in T.vectorized(CHUNK):
-                S[t] = _exp2(S[t] - st[0])
-            for t in T.serial(CHUNK):
-                if c * CHUNK + t < n_keys:
-                    st[1] = st[1] + S[t]
-                    for d in T.vectorized(D):
-                        if paged:
-                            acc[d] = acc[d] + S[t] * f32(values[page, 1, hk, slot + t, d])
-                        else:
-                            acc[d] = acc[d] + S[t] * f32(values[slot + t, hk, d])
+
+    @T.macro
+    def score(qf, part, S, st, keys, page, hk, pos, t):
+        for l in T.vectorized(lanes):
+            part[l] = T.float32(0)
+        for d0 in T.unroll(D // lanes):
+            for l in T.vectorized(lanes):
+                part[l] = part[l] + qf[d0 * lanes + l] * key(keys, page, hk, pos, d0 * lanes + l)
+        if lanes == 16:
+            for l in T.vectorized(8):
+                part[l] = part[l] + part[l + 8]
+            for l in T.vectorized(4):
+                part[l] = part[l] + part[l + 4]
+            S[t] = (part[0] + part[2]) + (part[1] + part[3])
+        else:
+            S[t] = part[0]
+        st[2] = T.max(st[2], S[t])
+
+    @T.macro
+    def rescale(acc, S, st):
+        alpha: T.let[T.float32] = _exp2(st[0] - st[2])
+        st[0] = st[2]
+        st[1] = st[1] * alpha
+        for d in T.vectorized(D):
+            acc[d] = acc[d] * alpha
+        for t in T.vectorized(CHUNK):
+            S[t] = _exp2(S[t] - st[0])
+
+    @T.macro
+    def finish(output, lse, acc, st, row, h):
         for d in T.vectorized(D):
             output[row, h, d] = T.Cast(dtype, acc[d] / T.max(st[1], T.float32(1e-30)))
         lse[row, h] = st[0] + T.log2(T.max(st[1], T.float32(1e-30)))
+
+    @T.macro
+    def attend(q, keys, values, output, lse, row, h, hk, n_keys, first, page_values, sm_scale):
+        qf0 = T.sblock_alloc_buffer((D,), "float32")
+        acc0 = T.sblock_alloc_buffer((D,), "float32")
+        part0 = T.sblock_alloc_buffer((lanes,), "float32")
+        S0 = T.sblock_alloc_buffer((CHUNK,), "float32")
+        st0 = T.sblock_alloc_buffer((3,), "float32")
+        init(q, qf0, acc0, st0, row, h, sm_scale)
+        if pair:
+            qf1 = T.sblock_alloc_buffer((D,), "float32")
+            acc1 = T.sblock_alloc_buffer((D,), "float32")
+            part1 = T.sblock_alloc_buffer((lanes,), "float32")
+            S1 = T.sblock_alloc_buffer((CHUNK,), "float32")
+            st1 = T.sblock_alloc_buffer((3,), "float32")
+            init(q, qf1, acc1, st1, row, h + 1, sm_scale)
+        for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
+            page: T.let[T.int32] = page_values[first + c * CHUNK // page_size] if paged else 0
+            base: T.let[T.int32] = c * CHUNK % page_size if paged else first + c * CHUNK
+            st0[2] = st0[0]
+            if pair:
+                st1[2] = st1[0]
+            for t in T.serial(CHUNK):
+                if c * CHUNK + t < n_keys:
+                    score(qf0, part0, S0, st0, keys, page, hk, base + t, t)
+                    if pair:
+                        score(qf1, part1, S1, st1, keys, page, hk, base + t, t)
+                else:
+                    S0[t] = T.float32(NEG)
+                    if pair:
+                        S1[t] = T.float32(NEG)
+            rescale(acc0, S0, st0)
+            if pair:
+                rescale(acc1, S1, st1)
+            for t in T.serial(CHUNK):
+                if c * CHUNK + t < n_keys:
+                    st0[1] = st0[1] + S0[t]
+                    if pair:
+                        st1[1] = st1[1] + S1[t]
+                    for d in T.vectorized(D):
+                        acc0[d] = acc0[d] + S0[t] * value(values, page, hk, base + t, d)
+                        if pair:
+                            acc1[d] = acc1[d] + S1[t] * value(values, page, hk, base + t, d)
+        finish(output, lse, acc0, st0, row, h)
+        if pair:
+            finish(output, lse, acc1, st1, row, h + 1)
 
     return attend
 
@@ -132,7 +171,8 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
         raise NotImplementedError("bitcompile's CPU decode attention supports float32/16 without sliding window")
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
-    attend = _attend_macro(D, page_size, paged=True, dtype=dtype)
+    heads = 2 if group % 2 == 0 else 1  # pairs of a GQA group share each key load; 2 threads stay busy
+    attend = _attend_macro(D, page_size, paged=True, dtype=dtype, pair=heads == 2)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(
@@ -161,12 +201,12 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
         lse = T.match_buffer(lse_handle, (B, H_qo), "float32")
 
         assert rotary_mode == 0, "bitcompile decode attention expects pre-rotated q/k"
-        for bh in T.parallel(B * H_qo):
+        for bh in T.parallel(B * H_qo // heads):
             with T.sblock("attn"):
                 T.reads()
                 T.writes()
-                b: T.let[T.int32] = bh // H_qo
-                h: T.let[T.int32] = bh % H_qo
+                b: T.let[T.int32] = bh // (H_qo // heads)
+                h: T.let[T.int32] = bh % (H_qo // heads) * heads
                 n_keys: T.let[T.int32] = _paged_keys(page_indptr[b], page_indptr[b + 1], length_info[b], page_size)
                 attend(Q, pages, pages, output, lse, b, h, h // group, n_keys, page_indptr[b], page_values, sm_scale)
 
