@@ -75,15 +75,15 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     return result
 
 
-def gemv_worker(config_json: str, threads: int, rounds: int = 7) -> list[dict]:
+def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
     """Runs inside a subprocess (TVM_NUM_THREADS set before TVM starts): each decode GEMV alone,
     in rounds that alternate a pass of the kernel with a read-bandwidth pass, so each kernel pass is
     compared with the bandwidth of the same moment (a neighbour's burst on a shared machine moves
     both). Per kernel: median seconds per call, and the median of the per-round fractions."""
     from .config import ModelConfig
-    from .tune import decode_gemv_kernels
+    from .tune import STREAM_BYTES, decode_gemv_kernels
 
-    data = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
+    data = np.ones(STREAM_BYTES // 2, dtype=np.float32)  # 256 MiB: far beyond L3, read in about as long as a pass
     rows = []
     with ThreadPoolExecutor(threads) as pool:
         _read_pass(pool, data, threads)  # warm up: the pool's threads, the array's pages
