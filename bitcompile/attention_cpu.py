@@ -218,7 +218,8 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
         raise NotImplementedError("bitcompile's CPU prefill attention supports float32/16 with d_qk == d_v")
     D = d_qk
     group = h_q // h_kv
-    attend = _attend_macro(D, 0, paged=False, dtype=dtype)
+    heads = 2 if group % 2 == 0 else 1  # pairs of a GQA group share each key load
+    attend = _attend_macro(D, 0, paged=False, dtype=dtype, pair=heads == 2)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -246,15 +247,16 @@ def attention_prefill_ragged_cpu(h_kv: int, h_q: int, d_qk: int, d_v: int, dtype
 
         assert rotary_mode == 0, "bitcompile prefill attention expects pre-rotated q/k"
         for b in T.serial(batch_size):
-            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * (h_q // heads)):
                 with T.sblock("attn"):
                     T.reads()
                     T.writes()
-                    i: T.let[T.int32] = ih // h_q
+                    i: T.let[T.int32] = ih // (h_q // heads)
+                    h: T.let[T.int32] = ih % (h_q // heads) * heads
                     n_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                     n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     n_keys: T.let[T.int32] = T.if_then_else(causal > 0, T.min(n_kv, i + 1 + n_kv - n_q), n_kv)
-                    attend(q, k, v, output, lse, q_indptr[b] + i, ih % h_q, ih % h_q // group, n_keys,
+                    attend(q, k, v, output, lse, q_indptr[b] + i, h, h // group, n_keys,
                            kv_indptr[b], q_indptr, sm_scale)
 
     return batch_prefill_ragged_kv
@@ -266,7 +268,8 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
         raise NotImplementedError("bitcompile's CPU prefill attention supports float32/16 without sliding window")
     D = d
     group = h_q // h_kv
-    attend = _attend_macro(D, page_size, paged=True, dtype=dtype)
+    heads = 2 if group % 2 == 0 else 1  # pairs of a GQA group share each key load
+    attend = _attend_macro(D, page_size, paged=True, dtype=dtype, pair=heads == 2)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -299,15 +302,16 @@ def attention_prefill_paged_cpu(h_kv: int, h_q: int, d: int, dtype: str, sliding
 
         assert rotary_mode == 0, "bitcompile prefill attention expects pre-rotated q/k"
         for b in T.serial(batch_size):
-            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * (h_q // heads)):
                 with T.sblock("attn"):
                     T.reads()
                     T.writes()
-                    i: T.let[T.int32] = ih // h_q
+                    i: T.let[T.int32] = ih // (h_q // heads)
+                    h: T.let[T.int32] = ih % (h_q // heads) * heads
                     n_kv: T.let[T.int32] = _paged_keys(page_indptr[b], page_indptr[b + 1], length_info[b], page_size)
                     n_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
                     n_keys: T.let[T.int32] = T.if_then_else(causal > 0, T.min(n_kv, i + 1 + n_kv - n_q), n_kv)
-                    attend(q, pages, pages, output, lse, q_indptr[b] + i, ih % h_q, ih % h_q // group, n_keys,
+                    attend(q, pages, pages, output, lse, q_indptr[b] + i, h, h // group, n_keys,
                            page_indptr[b], page_values, sm_scale)
 
     return batch_prefill_paged_kv_cpu
