@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -111,10 +112,22 @@ def knobs_of(trace, names: list[str]) -> dict:
 
 
 def export_kernel(lib, fcompile=None) -> Path:
-    """Link a compiled kernel into a shared library (fcompile: the target's cross linker)."""
+    """Link a compiled kernel into a shared library (fcompile: the target's cross linker), in a folder of
+    its own: MetaSchedule removes a measured candidate's folder (remove_build_dir); kernels we load
+    ourselves go through `exported`, which removes it too."""
     path = Path(tempfile.mkdtemp(prefix="bitcompile-tune-")) / "kernel.so"
     lib.export_library(str(path), fcompile=fcompile) if fcompile else lib.export_library(str(path))
     return path
+
+
+@contextlib.contextmanager
+def exported(lib, fcompile=None):
+    """export_kernel for the block's duration (a loaded library stays mapped after its file is gone)."""
+    path = export_kernel(lib, fcompile)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @derived_object
@@ -252,7 +265,8 @@ def streaming_pass(lib, args: list[np.ndarray], weights: int = 3):
     in the model (each layer's weights are read once per token): the calls rotate over copies of the
     weights that together hold STREAM_BYTES. It returns seconds per call. (A cache flush before each
     timed run, as tuning does to rank candidates, is slower than the model runs the kernels.)"""
-    kernel = tvm.runtime.load_module(str(export_kernel(lib)))["main"]
+    with exported(lib) as path:
+        kernel = tvm.runtime.load_module(str(path))["main"]
     copies = max(2, STREAM_BYTES // args[weights].nbytes)
     shared = [tvm.runtime.tensor(a) for a in args]
     sets = [shared[:weights] + [tvm.runtime.tensor(args[weights].copy())] + shared[weights + 1:] for _ in range(copies)]
@@ -314,15 +328,17 @@ class Device:
     def load(self, lib):
         """Yield (module, device) for `lib` on the device. A remote session is held only inside the
         block: an RPC server serves one session at a time, and the tuner's runner needs it too."""
-        path = export_kernel(lib, self.export)
         if self.tracker is None:
-            yield tvm.runtime.load_module(str(path)), tvm.cpu()
+            with exported(lib, self.export) as path:
+                module = tvm.runtime.load_module(str(path))
+            yield module, tvm.cpu()
             return
         from tvm import rpc
 
         host, port = parse_address(self.tracker)
         session = rpc.connect_tracker(host, port).request(self.key, session_timeout=600)
-        session.upload(str(path))
+        with exported(lib, self.export) as path:
+            session.upload(str(path))
         yield session.load_module(path.name), session.cpu()
 
     @property
