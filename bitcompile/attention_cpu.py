@@ -374,6 +374,9 @@ def merge_state_cpu(v_dtype: str):
     (token, head) and vectorized over head_dim; TVM's is one serial scalar loop over all of it,
     which prefill calls once per layer."""
 
+    def blend(V, V_other, n, h, d, scale, other_scale):
+        return T.Cast(v_dtype, T.Cast("float32", V[n, h, d]) * scale + T.Cast("float32", V_other[n, h, d]) * other_scale)
+
     @T.prim_func(s_tir=True)
     def merge_state_inplace_cpu(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
         T.func_attr({"tirx.is_scheduled": True})
@@ -397,11 +400,9 @@ def merge_state_cpu(v_dtype: str):
                 other_scale: T.let[T.float32] = other / (mine + other)
                 for d0 in T.serial(D // 16):
                     for l in T.vectorized(16):
-                        V[n, h, d0 * 16 + l] = T.Cast(v_dtype, T.Cast("float32", V[n, h, d0 * 16 + l]) * scale
-                                                      + T.Cast("float32", V_other[n, h, d0 * 16 + l]) * other_scale)
-                for d in T.serial(D % 16):
-                    V[n, h, D // 16 * 16 + d] = T.Cast(v_dtype, T.Cast("float32", V[n, h, D // 16 * 16 + d]) * scale
-                                                       + T.Cast("float32", V_other[n, h, D // 16 * 16 + d]) * other_scale)
+                        V[n, h, d0 * 16 + l] = blend(V, V_other, n, h, d0 * 16 + l, scale, other_scale)
+                for d in T.serial(D % 16):  # head_dim's remainder past whole vectors
+                    V[n, h, D // 16 * 16 + d] = blend(V, V_other, n, h, D // 16 * 16 + d, scale, other_scale)
                 S[n, h] = T.log2(mine + other) + s_max
 
     return merge_state_inplace_cpu
@@ -409,8 +410,8 @@ def merge_state_cpu(v_dtype: str):
 
 def use_fast_cpu_attention():
     """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention,
-    state merging and RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling, which our models never
-    use — TVM's own kernels are kept)."""
+    state merging and RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling,
+    which our models never use — TVM's own kernels are kept)."""
     import contextlib
 
     from tvm.relax.frontend.nn.llm import kv_cache

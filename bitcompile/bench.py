@@ -100,12 +100,8 @@ def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
 def measure_gemvs(cfg, threads: int) -> list[dict]:
     """The model's decode GEMV kernels alone (gemv_worker), with GB/s; the last row is all of them
     together (one layer's GEMV time), its fraction the byte-weighted one."""
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "bitcompile.bench", "gemv", json.dumps(cfg.to_dict()), str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"GEMV kernel benchmark failed:\n{out.stderr[-3000:]}")
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = _in_subprocess("GEMV kernel", ["gemv", json.dumps(cfg.to_dict()), str(threads)],
+                          env={**os.environ, "TVM_NUM_THREADS": str(threads)})
     total_us = sum(r["us"] for r in rows)
     rows.append({"kernel": "all decode GEMVs of a layer", "weight_bytes": sum(r["weight_bytes"] for r in rows),
                  "us": total_us, "tuned": all(r["tuned"] for r in rows),
@@ -127,10 +123,14 @@ def peak_rss_mb() -> float:
 
 
 def _run_worker(engine: str, path: Path, threads: int, prompt: int, gen: int) -> dict:
-    cmd = [sys.executable, "-m", "bitcompile.bench", engine, str(path), str(threads), str(prompt), str(gen)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    return _in_subprocess(engine, [engine, str(path), str(threads), str(prompt), str(gen)])
+
+
+def _in_subprocess(what: str, args: list[str], env: dict | None = None):
+    """Run this module's __main__ with `args` in a fresh process; return the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-m", "bitcompile.bench", *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"{engine} benchmark failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} benchmark failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .head import HEAD_KINDS
+
 EXAMPLES = """\
 examples:
   bitcompile run -p "ROMEO:" -n 64                     # the shipped Shakespeare model, compiled on first use
@@ -197,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--cpu", help="LLVM CPU name replacing the target's (e.g. cortex-a76)")
     c.add_argument("--features", help="LLVM features added to the target's, comma-separated (e.g. +dotprod,+i8mm)")
     c.add_argument("--output", "-o", help="artifact directory to write (default: MODEL-TARGET.bitc)")
-    c.add_argument("--head", choices=["bf16", "int8", "q4", "f32"],
+    c.add_argument("--head", choices=HEAD_KINDS,
                    help="lm_head storage: bf16 (exact), int8 (per-row scale, half the bytes per token), "
                         "q4 (4-bit, a scale per 32 inputs, a quarter), f32; default int8 for vocabularies "
                         ">= 32000, else bf16")
@@ -222,7 +224,7 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--target", "-t", default="host", help="target preset (default: host)")
     u.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32; "
                                                           "small spaces finish early)")
-    u.add_argument("--head", choices=["bf16", "int8", "q4", "f32"], help="lm_head option (as for compile)")
+    u.add_argument("--head", choices=HEAD_KINDS, help="lm_head option (as for compile)")
     u.add_argument("--kernel", metavar="TEXT", help="tune only kernels whose name contains TEXT, "
                                                    "e.g. decode or 2560x6912")
     u.add_argument("--schedules", metavar="DIR", help="records folder (default: the committed schedules/)")
@@ -260,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     b.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("--baseline", choices=["onnxruntime", "none"], default="onnxruntime")
-    b.add_argument("--head", choices=["bf16", "int8", "q4", "f32"], help="lm_head option for the compiled model")
+    b.add_argument("--head", choices=HEAD_KINDS, help="lm_head option for the compiled model")
     b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count; the median is "
                                                          "reported (default 3)")
     b.add_argument("--json", help="also write the results as JSON to this file")

@@ -369,6 +369,10 @@ def parse_address(address: str) -> tuple[str, int]:
 def _build(func: tirx.PrimFunc, template, knobs: dict, target):
     sch = s_tir.Schedule(func)
     template.apply(sch, **knobs)
+    return _compile_scheduled(sch, target)
+
+
+def _compile_scheduled(sch: s_tir.Schedule, target):
     # (with_attr before scheduling would let the schedule rewrite func in place: TVM 0.27 moves it)
     return tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
 
@@ -394,23 +398,17 @@ def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
     """Each decode ternary GEMV of the model built alone for this machine, scheduled as `compile`
     schedules it (its tuning record, else the default): [({kernel, weight_bytes, tuned}, pass)], where
     pass() times the kernel streaming its weights (streaming_pass). Threads: TVM_NUM_THREADS."""
-    from .schedule import schedule_ternary_matmul
+    from .schedule import TernaryRules
 
     target = tvm.target.Target(resolve_target("host").tvm)
     store = RecordStore(schedules, target)
+    rules = TernaryRules(store)  # the rule compile applies: the tuning record's knobs, else the default
     rng = np.random.default_rng(0)
     kernels = []
     for n, k in decode_gemv_shapes(config):
-        func = ternary_ops.ternary_matmul_func(1, n, k)
-        template = tunable_template(func, target)
-        knobs = store.lookup(func) if template else None
-        if template:
-            lib = _build(func, template, knobs or {}, target)
-        else:
-            sch = s_tir.Schedule(func)
-            schedule_ternary_matmul(sch)
-            lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
-        info = {"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "tuned": knobs is not None}
+        hits = len(store.hits)
+        lib = _compile_scheduled(rules.apply(ternary_ops.ternary_matmul_func(1, n, k), target, False), target)
+        info = {"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "tuned": len(store.hits) > hits}
         kernels.append((info, streaming_pass(lib, _kernel_args(1, n, k, rng)[:-1])))
     return kernels
 
