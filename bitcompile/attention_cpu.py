@@ -412,13 +412,18 @@ def use_fast_cpu_attention():
     """Context manager: a TIRPagedKVCache built inside it uses these kernels for its CPU attention,
     state merging and RoPE (where ours raise NotImplementedError — sliding windows, RoPE scaling,
     which our models never use — TVM's own kernels are kept)."""
+    return swap_kv_cache_kernels({
+        "_attention_decode_cpu": attention_decode_cpu, "_attention_prefill_cpu": attention_prefill_paged_cpu,
+        "_attention_prefill_ragged_cpu": attention_prefill_ragged_cpu, "llama_rope_with_position_map": rope_cpu,
+        "_merge_state_inplace_cpu": merge_state_cpu})
+
+
+def swap_kv_cache_kernels(ours: dict):
+    """Context manager: TVM's kv_cache module builds with `ours` ({its function name: our builder});
+    where ours raises NotImplementedError, TVM's own builder is used."""
     import contextlib
 
     from tvm.relax.frontend.nn.llm import kv_cache
-
-    names = ("_attention_decode_cpu", "_attention_prefill_cpu", "_attention_prefill_ragged_cpu",
-             "llama_rope_with_position_map", "_merge_state_inplace_cpu")
-    ours = (attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu, rope_cpu, merge_state_cpu)
 
     def with_fallback(mine, theirs):
         def make(*args, **kwargs):
@@ -430,13 +435,13 @@ def use_fast_cpu_attention():
 
     @contextlib.contextmanager
     def swapped():
-        saved = [getattr(kv_cache, n) for n in names]
-        for name, mine, theirs in zip(names, ours, saved):
-            setattr(kv_cache, name, with_fallback(mine, theirs))
+        saved = {name: getattr(kv_cache, name) for name in ours}
+        for name, mine in ours.items():
+            setattr(kv_cache, name, with_fallback(mine, saved[name]))
         try:
             yield
         finally:
-            for name, fn in zip(names, saved):
+            for name, fn in saved.items():
                 setattr(kv_cache, name, fn)
 
     return swapped()

@@ -17,6 +17,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from . import ternary_ops
 from .attention_cpu import use_fast_cpu_attention
+from .attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
 from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
@@ -186,8 +187,9 @@ class BitNetForCausalLM(nn.Module):
 
     def create_kv_cache(self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
                         page_size: tirx.Var, support_sliding_window: tirx.Var) -> PagedKVCache:
-        cfg = self.cfg
-        fast_kernels = use_fast_cpu_attention() if self.target.kind.name == "llvm" else contextlib.nullcontext()
+        kind = self.target.kind.name
+        fast_kernels = (use_fast_cpu_attention() if kind == "llvm" else use_fast_cuda_attention() if kind == "cuda"
+                        else contextlib.nullcontext())
         with fast_kernels:
             return self._paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                                         support_sliding_window)

@@ -14,8 +14,10 @@ j unpacks them into 4 codes, which `__dp4a` multiplies with 4 int8 activations:
         for token in tile:            acc[token] = __dp4a(codes, x_q[token, kb*16 + 4j : +4], acc[token])
   y = (acc - sum(x_q)) / s * multiplier
 
-Decode stages the token's int8 activations in shared memory. The float heads (lm_head) use the same
-rows x input-slices nest without dp4a. Nothing is left unbound: dlight's Fallback takes what the
+Prefill stages nothing (tiles of 8 tokens in global memory). Decode (one token) is the hand-written
+`decode_gemv` below instead: a GEMV reads each weight byte once, so all that counts is the memory
+system (16-byte loads, whole 512-byte lines per warp, many bytes in flight). The float heads
+(lm_head) use the rows x input-slices nest without dp4a. Nothing is left unbound: dlight's Fallback takes what the
 other rules do not (VerifyMemory rejects a loop that is not bound to a thread on a GPU).
 """
 
@@ -133,6 +135,92 @@ def _unpack_codes(sch: s_tir.Schedule, plane_loop, word_loop):
     sch.vectorize(sch.get_loops(word)[-1])
 
 
+def _gemv_warps(groups: int) -> int:
+    """Warps splitting the input blocks of one row block: a divisor of the warp steps (no guard) from
+    8 down to 4 when there is one, else 4 (the last step guarded)."""
+    return next((w for w in range(8, 3, -1) if groups % w == 0), min(4, groups))
+
+
+def decode_gemv(n: int, k: int):
+    """y[0, row] = (sum_i x_q[i] * code[row, i] - x_sum) / scale * multiplier[row] for one token.
+
+    A CUDA block owns one 16-row block (its K/16 x 64 bytes are contiguous); `warps` warps split its
+    input blocks. Lane l of a warp loads 16 bytes with one instruction: bytes 16*(l%4)..+16 of input
+    block 8*step + l//4, i.e. rows 4*(l%4)..+4 at 16 inputs, so a warp reads 512 contiguous bytes per
+    step, and every step's loads are issued before any arithmetic. Per row word, bit plane j masked in
+    place (int32 shift + and: 4 codes) meets activation word j in one __dp4a. The 8 lanes of a row quad
+    are summed by shuffles, the warps through shared memory."""
+    nb, kb = n // 16, k // 16
+    groups = kb // 8
+    warps = _gemv_warps(groups)
+    steps = (groups + warps - 1) // warps
+
+    @T.prim_func(s_tir=True)
+    def gemv(xq: T.Buffer((1, k), "int8"), scale: T.Buffer((1,), "float32"), xsum: T.Buffer((1,), "int32"),
+             w: T.Buffer((nb, kb, 64), "uint8"), multiplier: T.Buffer((n,), "float32"),
+             y: T.Buffer((1, n), "float32")):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        w32 = T.decl_buffer((nb * kb * 16,), "int32", data=w.data)
+        x32 = T.decl_buffer((k // 4,), "int32", data=xq.data)
+        for block in T.thread_binding(nb, thread="blockIdx.x"):
+            for warp in T.thread_binding(warps, thread="threadIdx.y"):
+                for lane in T.thread_binding(32, thread="threadIdx.x"):
+                    with T.sblock("gemv"):
+                        wl = T.sblock_alloc_buffer((steps, 4), "int32", scope="local")
+                        xl = T.sblock_alloc_buffer((steps, 4), "int32", scope="local")
+                        acc = T.sblock_alloc_buffer((4,), "int32", scope="local")
+                        red = T.sblock_alloc_buffer((warps, 16), "int32", scope="shared")
+                        for s in T.unroll(steps):
+                            if (s * warps + warp) * 8 + lane // 4 < kb:
+                                for v in T.vectorized(4):
+                                    wl[s, v] = w32[(block * kb + (s * warps + warp) * 8 + lane // 4) * 16 + lane % 4 * 4 + v]
+                                for v in T.vectorized(4):
+                                    xl[s, v] = x32[((s * warps + warp) * 8 + lane // 4) * 4 + v]
+                            else:
+                                for v in T.vectorized(4):
+                                    wl[s, v] = 0
+                                    xl[s, v] = 0
+                        for r in T.unroll(4):
+                            acc[r] = 0
+                        for s in T.unroll(steps):
+                            for r in T.unroll(4):
+                                for j in T.unroll(4):
+                                    acc[r] = T.call_pure_extern(
+                                        "int32", "__dp4a", T.bitwise_and(T.shift_right(wl[s, r], j * 2), 0x03030303),
+                                        xl[s, j], acc[r])
+                        for r in T.unroll(4):
+                            for m in T.unroll(3):
+                                acc[r] = acc[r] + T.call_pure_extern("int32", "__shfl_xor_sync", T.uint32(0xFFFFFFFF),
+                                                                     acc[r], 4 << m, 32)
+                        if lane < 4:
+                            for r in T.unroll(4):
+                                red[warp, lane * 4 + r] = acc[r]
+                        T.tvm_storage_sync("shared")
+                        if warp == 0 and lane < 16:
+                            acc[0] = 0
+                            for q in T.unroll(warps):
+                                acc[0] = acc[0] + red[q, lane]
+                            y[0, block * 16 + lane] = (T.Cast("float32", acc[0] - xsum[0]) / scale[0]
+                                                       * multiplier[block * 16 + lane])
+
+    return gemv
+
+
+def _buffers(func: tirx.PrimFunc) -> list[tuple[tuple, str]]:
+    return [(tuple(int(d) if isinstance(d, tirx.IntImm) else None for d in p.shape), p.dtype) for p in func.params]
+
+
+def _gemv_shape(func: tirx.PrimFunc) -> tuple[int, int] | None:
+    """(n, k) when `func` is a one-token ternary matmul `decode_gemv` computes (same buffers), else None."""
+    buffers = _buffers(func)
+    if len(buffers) != 6 or buffers[0][0] != (1, buffers[0][0][1]) or None in buffers[3][0] + buffers[0][0]:
+        return None
+    n, k = buffers[3][0][0] * 16, buffers[0][0][1]
+    if k % 128 or n % 16:
+        return None
+    return (n, k) if buffers == _buffers(decode_gemv(n, k)) else None
+
+
 def schedule_ternary_matmul(sch: s_tir.Schedule):
     acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
     prefill = _has_blocks(sch, "x_pad")
@@ -229,6 +317,8 @@ class CudaRules(ScheduleRule):
         rule = self.rules.get(_op_name(func)) if isinstance(func, tirx.PrimFunc) else None
         if rule is None:
             return None
+        if rule is schedule_ternary_matmul and (shape := _gemv_shape(func)) is not None:
+            return s_tir.Schedule(decode_gemv(*shape).with_attr("bitcompile.op", "ternary_matmul"))
         sch = s_tir.Schedule(func)
         rule(sch)
         return sch
