@@ -59,6 +59,11 @@ def _time_engine(prefill, decode, vocab_size: int, prompt: int, gen: int) -> dic
 def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     """Runs inside the subprocess: load one engine, time it, report peak RSS."""
     context = prompt + gen + 16
+    if engine == "bitcompile-gpu":
+        from .bench_gpu import gpu_worker
+
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        return gpu_worker(path, prompt, gen, lambda *a: _median_timing(threads, *a), peak_rss_mb)
     if engine == "bitcompile":
         os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
@@ -73,6 +78,13 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
         result = _time_engine(e.prefill, e.decode, e.vocab_size, prompt, gen)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def _median_timing(repeat: int, *args) -> dict:
+    """_time_engine `repeat` times in one process; each figure the median (the GPU bench: no process
+    per run, loading a GPU context and the weights takes longer than the runs)."""
+    runs = [_time_engine(*args) for _ in range(repeat)]
+    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
 
 
 def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
@@ -178,9 +190,12 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     mean_context = prompt + gen / 2
     kv_cache = manifest["weights"].get("kv_cache", "f32")
     kv = kv_bytes_per_token(cfg, mean_context, 2 if kv_cache == "f16" else 4)
-    engines = [("bitcompile", artifact, bitcompile_weight_bytes(manifest) + kv,
-                {"head": manifest["weights"]["head"], "ternary_layout": manifest["weights"]["ternary_layout"],
-                 "kv_cache": kv_cache})]
+    options = {"head": manifest["weights"]["head"], "ternary_layout": manifest["weights"]["ternary_layout"],
+               "kv_cache": kv_cache}
+    if manifest["target"]["requires"].get("device") == "cuda":
+        return _run_gpu_bench(artifact, manifest, bitcompile_weight_bytes(manifest) + kv, options, prompt, gen,
+                              repeat, json_out, say)
+    engines = [("bitcompile", artifact, bitcompile_weight_bytes(manifest) + kv, options)]
     if baseline == "onnxruntime":
         onnx_path = _onnx_for(model, artifact, cache_dir(), say)
         engines.append(("onnxruntime", onnx_path, onnx_weight_bytes(onnx_path) + kv_bytes_per_token(cfg, mean_context),
@@ -203,6 +218,25 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     kernels = [row for n in threads for row in measure_gemvs(cfg, n)]
     report = {"bandwidth_gbps": max(bandwidth.values()), "bandwidth_by_threads": bandwidth,
               "model": str(model), "prompt": prompt, "gen": gen, "repeat": repeat, "runs": runs, "kernels": kernels}
+    say(format_table(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _run_gpu_bench(artifact: Path, manifest: dict, bytes_per_token: float, options: dict, prompt: int, gen: int,
+                   repeat: int, json_out: Path | None, say) -> dict:
+    """An artifact for an NVIDIA GPU: one subprocess on GPU 0 (bench_gpu.py); its yardsticks are the
+    GPU's copy bandwidth and torch bf16 (ONNX Runtime's CPU engine is no baseline for a GPU)."""
+    from .bench_gpu import gpu_report, import_torch
+    from .targets import check_runnable
+
+    import_torch()  # before TVM's CUDA runtime: torch's CUDA 13 wheels bring the libcudart it needs
+    check_runnable(manifest["target"]["requires"], manifest["target"]["name"])  # else refuse, naming the fix
+    say(f"running bitcompile on the GPU ({artifact})...")
+    result = _in_subprocess("GPU", ["bitcompile-gpu", str(artifact), str(repeat), str(prompt), str(gen)])
+    report = {**gpu_report(result, manifest, bytes_per_token, options), "model": str(artifact), "prompt": prompt,
+              "gen": gen, "repeat": repeat}
     say(format_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -234,13 +268,23 @@ def read_source(artifact: Path) -> str:
 def format_table(report: dict) -> str:
     head = (f"{'engine':12s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} "
             f"{'peak RSS MB':>11s} {'MB/token':>9s} {'GB/s':>6s} {'% floor':>7s}")
-    lines = [f"read bandwidth: " + ", ".join(f"{n} thread(s) {b:.1f} GB/s" for n, b in report["bandwidth_by_threads"].items()),
-             f"prompt {report['prompt']} tokens, {report['gen']} generated, median of {report['repeat']} runs per row",
-             head, "-" * len(head)]
+    gpu = "device" in report
+    bandwidth = (f"{report['device']}: device-to-device copy {report['bandwidth_gbps']:.0f} GB/s (read + written); "
+                 "'% floor' is of that" if gpu else
+                 "read bandwidth: " + ", ".join(f"{n} thread(s) {b:.1f} GB/s"
+                                                for n, b in report["bandwidth_by_threads"].items()))
+    lines = [bandwidth, f"prompt {report['prompt']} tokens, {report['gen']} generated, median of {report['repeat']} "
+                        "runs per row", head.replace("engine      ", "engine            ") if gpu else head,
+             "-" * len(head)]
+    width = 18 if gpu else 12
     for r in report["runs"]:
-        lines.append(f"{r['engine']:12s} {r['threads']:3d} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} "
-                     f"{r['ttft_s']:7.3f} {r['peak_rss_mb']:11.0f} {r['bytes_per_token'] / 1e6:9.1f} "
-                     f"{r['gbps']:6.1f} {100 * r['floor_fraction']:6.1f}%")
+        lines.append(f"{r['engine']:{width}s} {'gpu' if gpu else r['threads']:>3} {_num(r['prefill_tok_s'], 13, 1)} "
+                     f"{_num(r['decode_tok_s'], 12, 2)} {_num(r['ttft_s'], 7, 3)} {_num(r['peak_rss_mb'], 11, 0)} "
+                     f"{r['bytes_per_token'] / 1e6:9.1f} {r['gbps']:6.1f} {100 * r['floor_fraction']:6.1f}%")
+    if gpu:
+        from .bench_gpu import format_gpu_lines
+
+        return "\n".join(lines + format_gpu_lines(report))
     by = {(r["engine"], r["threads"]): r for r in report["runs"]}
     for n in sorted({r["threads"] for r in report["runs"]}):
         if ("bitcompile", n) in by and ("onnxruntime", n) in by:
@@ -253,6 +297,10 @@ def format_table(report: dict) -> str:
             lines.append(f"  {k['kernel']:34s} {k['threads']} thr {k['us']:8.1f} us {k['gbps']:6.1f} GB/s "
                          f"{100 * k['floor_fraction']:6.1f}% of read bandwidth" + ("" if k["tuned"] else " (untuned)"))
     return "\n".join(lines)
+
+
+def _num(value, width: int, digits: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -256,7 +256,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Benchmark the compiled model against ONNX Runtime on the same model in one run. "
                                    "Each engine runs in its own process; decode speed is related to this machine's "
                                    "measured read bandwidth (bytes read per token x tokens/s). Try: "
-                                   "bitcompile synth --preset 2b4t -o 2b4t && bitcompile bench 2b4t --threads 1,2")
+                                   "bitcompile synth --preset 2b4t -o 2b4t && bitcompile bench 2b4t --threads 1,2. "
+                                   "An artifact compiled for an NVIDIA GPU (--target cuda-sm90) is benchmarked on GPU 0 "
+                                   "against its device-to-device copy bandwidth and, with PyTorch installed, torch "
+                                   "bf16 running the same linears, plus the GPU time of each kernel of a decode step.")
     b.add_argument("model", nargs="?", help="checkpoint directory or artifact (default: the shipped model)")
     b.add_argument("--threads", default="2", help="comma-separated thread counts (default 2)")
     b.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")

@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
-"""Check and time a CUDA artifact on the GPU machine against results saved from the CPU build.
+"""Check a CUDA artifact on the GPU machine against the CPU build and the numpy reference.
 
-  # build machine: the CPU build's logits and greedy tokens for fixed inputs
-  python scripts/cuda_device_check.py reference tiny-host.bitc -o cpu.npz
-  # GPU machine (runtime-only TVM is enough: see README, "Running on an NVIDIA GPU")
-  python scripts/cuda_device_check.py check tiny-sm90.bitc --reference cpu.npz --json result.json
+The GPU machine has no TVM compiler and no internet: compile here, carry the artifact, the
+runtime-only TVM bundle and the reference results there (`device` tool: .gpu/ is carried).
 
-`check` loads the artifact on GPU 0, compares its logits (max error relative to max |logit|, the
-tests' 1e-3) and its greedy tokens with the CPU build's, times prefill and decode (median of runs),
-and, when torch is installed, a bf16 GEMV of every linear shape of one decode step for comparison.
-Prints a table and the same numbers as JSON; exits 1 when the results differ.
+  # build machine
+  bitcompile compile models/shakespeare-tiny -o .gpu/tiny-host.bitc
+  bitcompile compile models/shakespeare-tiny --target cuda-sm90 -o .gpu/tiny-sm90.bitc
+  python scripts/cuda_device_check.py reference .gpu/tiny-host.bitc -o .gpu/cpu.npz --checkpoint models/shakespeare-tiny
+  python scripts/cuda_device_check.py bundle .gpu/runtime          # the TVM runtime for Python 3.12
+  # a 2B-4T-shape artifact travels without its 1.2 GB params.bin (compile /tmp/2b4t, copy all but params.bin)
+  # GPU machine
+  pip install --no-index --no-deps --target /tmp/site .gpu/runtime/wheels/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/.gpu/runtime TVM_USE_RUNTIME_LIB=1
+  python scripts/cuda_device_check.py check .gpu/tiny-sm90.bitc --reference .gpu/cpu.npz
+  python scripts/cuda_device_check.py params .gpu/2b4t-sm90.bitc   # params.bin from synth's recipe
+  python -m bitcompile.cli bench .gpu/2b4t-sm90.bitc --prompt 512  # speed: the bench table
+
+`check` compares the logits (max error relative to max |logit|, the tests' 1e-3) with the CPU
+build's and the numpy reference's, and 32 greedy tokens with the CPU build's; exits 1 when they differ.
 """
 
 from __future__ import annotations
@@ -17,9 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +40,9 @@ GREEDY_TOKENS = 32
 
 def _torch():
     """torch first when present: it makes libcudart.so.13 loadable for TVM's CUDA runtime."""
-    try:
-        import torch
+    from bitcompile.bench_gpu import import_torch
 
-        return torch if torch.cuda.is_available() else None
-    except ImportError:
-        return None
+    return import_torch()
 
 
 def _load(artifact: str):
@@ -61,64 +66,14 @@ def _greedy(engine, prompt: list[int]) -> list[int]:
 def cmd_reference(args):
     engine = _load(args.artifact)
     ids = _inputs(engine)
-    np.savez(args.output, ids=np.asarray(ids), logits=engine.logits(ids), greedy=np.asarray(_greedy(engine, ids)))
+    saved = {"ids": np.asarray(ids), "logits": engine.logits(ids), "greedy": np.asarray(_greedy(engine, ids))}
+    if args.checkpoint:  # the numpy reference model's logits too (independent of TVM)
+        from bitcompile.checkpoint import load_checkpoint
+        from bitcompile.reference import ReferenceModel
+
+        saved["numpy_logits"] = ReferenceModel(load_checkpoint(args.checkpoint)).logits(ids)
+    np.savez(args.output, **saved)
     print(f"wrote {args.output}")
-
-
-def _median_seconds(fn, repeat: int) -> float:
-    fn()  # warm up (first call captures the CUDA graphs)
-    runs = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
-
-
-def time_engine(engine, prompt_tokens: int, decode_tokens: int, repeat: int) -> dict:
-    rng = np.random.default_rng(1)
-    prompt, steps = (rng.integers(0, engine.config.vocab_size, n).tolist() for n in (prompt_tokens, decode_tokens))
-    prefill = _median_seconds(lambda: engine.prefill(prompt), repeat)
-
-    def decode():
-        engine.prefill(prompt[:8])
-        start = time.perf_counter()
-        for token in steps:
-            engine.step(token)
-        return time.perf_counter() - start
-
-    decode()
-    step = statistics.median(decode() for _ in range(repeat)) / decode_tokens
-    return {"prefill_tokens": prompt_tokens, "prefill_ms": prefill * 1e3, "prefill_tok_s": prompt_tokens / prefill,
-            "decode_ms_per_token": step * 1e3, "decode_tok_s": 1 / step}
-
-
-def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(out, in) of the matrices one decode step multiplies (q/k/v and gate/up fused, as compiled)."""
-    return {"qkv": (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size), "o": (cfg.hidden_size, cfg.q_size),
-            "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
-            "lm_head": (cfg.vocab_size, cfg.hidden_size)}
-
-
-def time_torch_gemv(torch, cfg, repeat: int = 200) -> dict:
-    """bf16 matrix x vector on the GPU for each shape (CUDA events), and one decode step's sum."""
-    out = {}
-    for name, (n, k) in linear_shapes(cfg).items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(k, 1, device="cuda", dtype=torch.bfloat16)
-        for _ in range(10):
-            w @ x
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            w @ x
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / repeat
-        out[name] = {"shape": [n, k], "us": us, "GB_s": n * k * 2 / us / 1e3}
-    per_layer = sum(out[n]["us"] for n in ("qkv", "o", "gate_up", "down"))
-    out["decode_step_linears_us"] = per_layer * cfg.num_hidden_layers + out["lm_head"]["us"]
-    return out
 
 
 def compare(engine, reference: dict) -> dict:
@@ -127,43 +82,84 @@ def compare(engine, reference: dict) -> dict:
     greedy = _greedy(engine, ids)
     same = next((i for i, (a, b) in enumerate(zip(greedy, reference["greedy"].tolist())) if a != b), len(greedy))
     err = float(np.abs(got - want).max() / np.abs(want).max())
-    return {"logits_rel_err": err, "logits_ok": err <= TOLERANCE, "greedy_equal_prefix": same,
-            "greedy_ok": same == len(greedy)}
+    out = {"logits_rel_err": err, "logits_ok": err <= TOLERANCE, "greedy_equal_prefix": same,
+           "greedy_ok": same == len(greedy)}
+    if "numpy_logits" in reference:
+        want = reference["numpy_logits"]
+        out["numpy_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
+        out["logits_ok"] &= out["numpy_rel_err"] <= TOLERANCE
+    return out
+
+
+RUNTIME_SKIP = {"3rdparty", "src", "web", "relax", "topi", "testing", "contrib", "include", "cmake", "lib64"}
+
+
+def cmd_bundle(args):
+    """The TVM runtime without the compiler (about 12 MB) and the apache-tvm-ffi wheel for the GPU
+    machine's Python, downloaded with pip: on the GPU machine `pip install --target` the wheel and put
+    both on PYTHONPATH."""
+    import subprocess
+
+    import tvm
+    import tvm_ffi
+
+    out = Path(args.output)
+    source = Path(tvm.__file__).parent
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(source, out / "tvm", ignore=lambda d, names: [
+        n for n in names if (Path(d) == source and n in RUNTIME_SKIP) or n == "libtvm_compiler.so" or n == "__pycache__"])
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", args.python, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(out / "wheels"),
+                    f"apache-tvm-ffi=={tvm_ffi.__version__}"], check=True)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB): tvm runtime {tvm.__version__}, apache-tvm-ffi {tvm_ffi.__version__} "
+          f"for Python {args.python}")
+
+
+def cmd_params(args):
+    """Write params.bin of an artifact compiled from a synthetic checkpoint (`bitcompile synth`), from
+    the same preset and seed: a 1.2 GB blob cannot travel to the GPU machine, its recipe can. The
+    manifest's sha256 says whether the blob is the one compiled with."""
+    from bitcompile.artifact import PARAMS, read_manifest, sha256_file, write_params
+    from bitcompile.checkpoint import load_checkpoint
+    from bitcompile.repack import graph_params
+    from bitcompile.synth import make_config, make_tensors
+    from safetensors.numpy import save_file
+
+    art = Path(args.artifact)
+    manifest = read_manifest(art)
+    ckpt_dir = Path(args.work) / "checkpoint"
+    if not (ckpt_dir / "model.safetensors").is_file():  # synth's checkpoint, its tokenizer the artifact's
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        config = make_config(args.preset, "autobitlinear")
+        (ckpt_dir / "config.json").write_text(json.dumps(config))
+        shutil.copyfile(art / "tokenizer.json", ckpt_dir / "tokenizer.json")
+        save_file(make_tensors(config, "autobitlinear", args.seed), str(ckpt_dir / "model.safetensors"))
+    index = write_params(art / PARAMS, graph_params(load_checkpoint(ckpt_dir), manifest["weights"]["head"]))
+    same = sha256_file(art / PARAMS) == manifest["files"][PARAMS] and index == manifest["params"]
+    print(f"wrote {art / PARAMS}: {'identical to' if same else 'DIFFERS from'} the blob compiled with")
+    return 0 if same else 1
 
 
 def cmd_check(args):
-    torch = _torch()
+    _torch()
     engine = _load(args.artifact)
-    import tvm
-
-    result = {"artifact": args.artifact, "device": tvm.cuda(0).device_name, "target": engine.manifest["target"]["name"]}
-    if args.reference:
-        result |= compare(engine, dict(np.load(args.reference)))
-    result |= time_engine(engine, args.prompt, args.decode, args.repeat)
-    if torch is not None:
-        result["torch_bf16_gemv"] = time_torch_gemv(torch, engine.config)
-    print_table(result)
-    print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0 if result.get("logits_ok", True) and result.get("greedy_ok", True) else 1
-
-
-def print_table(r: dict):
-    rows = [("device", r["device"]), ("target", r["target"])]
-    if "logits_ok" in r:
-        rows += [("logits vs CPU (max err / max|logit|)", f"{r['logits_rel_err']:.2e} "
-                                                          f"({'ok' if r['logits_ok'] else 'FAIL'})"),
-                 ("greedy tokens equal to CPU", f"{r['greedy_equal_prefix']}/{GREEDY_TOKENS} "
-                                                f"({'ok' if r['greedy_ok'] else 'FAIL'})")]
-    rows += [(f"prefill {r['prefill_tokens']} tokens", f"{r['prefill_ms']:.2f} ms ({r['prefill_tok_s']:.0f} tok/s)"),
-             ("decode", f"{r['decode_ms_per_token']:.3f} ms/token ({r['decode_tok_s']:.0f} tok/s)")]
-    for name, t in r.get("torch_bf16_gemv", {}).items():
-        rows.append((f"torch bf16 GEMV {name} {t['shape'] if isinstance(t, dict) else ''}",
-                     f"{t['us']:.1f} us ({t['GB_s']:.0f} GB/s)" if isinstance(t, dict) else f"{t:.0f} us"))
+    result = {"artifact": args.artifact, "device": engine.device.device_name,
+              "target": engine.manifest["target"]["name"], **compare(engine, dict(np.load(args.reference)))}
+    rows = [("device", result["device"]), ("target", result["target"]),
+            ("logits vs CPU build (max err / max|logit|)", f"{result['logits_rel_err']:.2e}"),
+            *([("logits vs numpy reference", f"{result['numpy_rel_err']:.2e}")] if "numpy_rel_err" in result else []),
+            ("logits within tolerance", f"{'ok' if result['logits_ok'] else 'FAIL'} (<= {TOLERANCE:g})"),
+            ("greedy tokens equal to CPU build", f"{result['greedy_equal_prefix']}/{GREEDY_TOKENS} "
+                                                 f"({'ok' if result['greedy_ok'] else 'FAIL'})")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:{width}s}  {value}")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if result["logits_ok"] and result["greedy_ok"] else 1
 
 
 def main(argv=None):
@@ -172,13 +168,21 @@ def main(argv=None):
     r = sub.add_parser("reference", help="save the CPU build's logits and greedy tokens")
     r.add_argument("artifact")
     r.add_argument("-o", "--output", required=True, help=".npz to write")
+    r.add_argument("--checkpoint", help="the checkpoint it was compiled from: also save the numpy reference's logits")
     r.set_defaults(func=cmd_reference)
-    c = sub.add_parser("check", help="compare and time a CUDA artifact on GPU 0")
+    b = sub.add_parser("bundle", help="write the runtime-only TVM (+ tvm-ffi wheel) to carry to the GPU machine")
+    b.add_argument("output")
+    b.add_argument("--python", default="3.12", help="the GPU machine's Python version (default 3.12)")
+    b.set_defaults(func=cmd_bundle)
+    q = sub.add_parser("params", help="re-create params.bin of a synthetic-checkpoint artifact")
+    q.add_argument("artifact")
+    q.add_argument("--preset", default="2b4t")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--work", default="/tmp/bitcompile-params", help="where the synthetic checkpoint goes")
+    q.set_defaults(func=cmd_params)
+    c = sub.add_parser("check", help="compare a CUDA artifact on GPU 0 with the CPU build and numpy")
     c.add_argument("artifact")
-    c.add_argument("--reference", help=".npz from `reference` (omit to time only)")
-    c.add_argument("--prompt", type=int, default=128, help="prefill tokens timed (default 128)")
-    c.add_argument("--decode", type=int, default=64, help="decode steps timed per run (default 64)")
-    c.add_argument("--repeat", type=int, default=5, help="runs; the median is reported (default 5)")
+    c.add_argument("--reference", required=True, help=".npz from `reference`")
     c.add_argument("--json", help="also write the results here")
     c.set_defaults(func=cmd_check)
     args = p.parse_args(argv)
