@@ -73,6 +73,7 @@ class Engine:
         self._params = [self._on_device(a) for a in arrays]
         self._params_file = open(self.path / PARAMS, "rb", buffering=0)  # embedding rows are read, not mapped
         self._table = self.manifest["params"][EMBEDDING]
+        self._inputs = {}  # token count -> the device tensor its embedding rows are copied into
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
         self._kv = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
                     for name in ("add_sequence", "begin_forward", "end_forward", "clear")}
@@ -107,12 +108,24 @@ class Engine:
     def _run(self, fn: str, ids: Sequence[int]):
         """Append `ids` to the sequence in the cache through `fn` (prefill or decode)."""
         shape = self._tvm.runtime.ShapeTuple
-        tokens = self._tvm.runtime.tensor(self._embedding_rows(ids), self.device)
+        tokens = self._input_tensor(len(ids))
+        tokens.copyfrom(self._embedding_rows(ids))
         self._kv["begin_forward"](self._cache, shape([0]), shape([len(ids)]))
         out, self._cache = self._vm[fn](tokens, self._cache, self._params)
         self._kv["end_forward"](self._cache)
         self._cache_len += len(ids)
         return out
+
+    def _input_tensor(self, n: int):
+        """The device tensor for `n` tokens' embedding rows: one per size for decode and whole prefill
+        chunks, reused every step. A fresh one per step meant a cudaMalloc, and freeing the last one a
+        cudaFree, which waits for the whole GPU (0.7 ms per decode step on the H100)."""
+        if n in self._inputs:
+            return self._inputs[n]
+        tensor = self._tvm.runtime.empty((1, n, self._table["shape"][1]), "uint16", self.device)
+        if n in (1, self.prefill_chunk):  # the copy into it is stream-ordered after the last call's use
+            self._inputs[n] = tensor
+        return tensor
 
     def _prefill(self, ids: Sequence[int]):
         """Prefill from an empty cache; return the hidden states of each chunk."""
