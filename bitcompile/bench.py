@@ -59,11 +59,6 @@ def _time_engine(prefill, decode, vocab_size: int, prompt: int, gen: int) -> dic
 def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     """Runs inside the subprocess: load one engine, time it, report peak RSS."""
     context = prompt + gen + 16
-    if engine == "bitcompile-gpu":
-        from .bench_gpu import gpu_worker
-
-        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-        return gpu_worker(path, prompt, gen, lambda *a: _median_timing(threads, *a), peak_rss_mb)
     if engine == "bitcompile":
         os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
@@ -80,11 +75,18 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     return result
 
 
-def _median_timing(repeat: int, *args) -> dict:
-    """_time_engine `repeat` times in one process; each figure the median (the GPU bench: no process
-    per run, loading a GPU context and the weights takes longer than the runs)."""
-    runs = [_time_engine(*args) for _ in range(repeat)]
-    return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+def gpu_worker_main(path: str, repeat: int, prompt: int, gen: int) -> dict:
+    """Runs inside the subprocess for a CUDA artifact: bench_gpu.gpu_worker, its timings the median of
+    `repeat` runs in this one process (a GPU context and the weights take longer to load than a run)."""
+    from .bench_gpu import gpu_worker
+
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+
+    def median_timing(*args) -> dict:
+        runs = [_time_engine(*args) for _ in range(repeat)]
+        return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
+
+    return gpu_worker(path, prompt, gen, median_timing, peak_rss_mb)
 
 
 def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
@@ -234,7 +236,7 @@ def _run_gpu_bench(artifact: Path, manifest: dict, bytes_per_token: float, optio
     import_torch()  # before TVM's CUDA runtime: torch's CUDA 13 wheels bring the libcudart it needs
     check_runnable(manifest["target"]["requires"], manifest["target"]["name"])  # else refuse, naming the fix
     say(f"running bitcompile on the GPU ({artifact})...")
-    result = _in_subprocess("GPU", ["bitcompile-gpu", str(artifact), str(repeat), str(prompt), str(gen)])
+    result = _in_subprocess("GPU", ["gpu", str(artifact), str(repeat), str(prompt), str(gen)])
     report = {**gpu_report(result, manifest, bytes_per_token, options), "model": str(artifact), "prompt": prompt,
               "gen": gen, "repeat": repeat}
     say(format_table(report))
@@ -306,6 +308,8 @@ def _num(value, width: int, digits: int) -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "gemv":
         print(json.dumps(gemv_worker(sys.argv[2], int(sys.argv[3]))))
+    elif sys.argv[1] == "gpu":
+        print(json.dumps(gpu_worker_main(sys.argv[2], *map(int, sys.argv[3:6]))))
     else:
         engine, path, threads, prompt, gen = sys.argv[1:6]
         print(json.dumps(worker(engine, path, int(threads), int(prompt), int(gen))))
