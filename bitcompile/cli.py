@@ -149,7 +149,9 @@ def cmd_info(args):
         return
     print(f"artifact      {path}  ({size / 1e6:.1f} MB, format v{m['format_version']})")
     print(f"target        {tgt['name']}  {json.dumps(tgt['tvm'])}")
-    print(f"requires      {tgt['requires']['arch']} {' '.join(tgt['requires']['cpu_features'])}")
+    req = tgt["requires"]
+    gpu = f" + an NVIDIA GPU of {req['cuda_arch']} (CUDA 13 runtime)" if req.get("device") == "cuda" else ""
+    print(f"requires      {' '.join([req['arch'], *req['cpu_features']])}{gpu}")
     print(f"model         {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, ffn {cfg['intermediate_size']}, "
           f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']}, vocab {cfg['vocab_size']}, "
           f"context {cfg['max_position_embeddings']}")

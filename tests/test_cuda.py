@@ -42,6 +42,13 @@ def test_cuda_manifest_requires_the_gpu_arch(cuda_build):
                                               "cuda_arch": "sm_90"}
 
 
+def test_info_says_a_cuda_artifact_needs_the_gpu(cuda_build, capsys):
+    from bitcompile.cli import main
+
+    main(["info", str(cuda_build("cuda-sm90"))])
+    assert "requires      x86_64 + an NVIDIA GPU of sm_90" in capsys.readouterr().out
+
+
 def test_cuda_artifact_is_refused_without_a_gpu(cuda_build):
     if cuda.device_present():
         pytest.skip("this machine has a CUDA device")
