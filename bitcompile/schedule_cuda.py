@@ -14,11 +14,12 @@ j unpacks them into 4 codes, which `__dp4a` multiplies with 4 int8 activations:
         for token in tile:            acc[token] = __dp4a(codes, x_q[token, kb*16 + 4j : +4], acc[token])
   y = (acc - sum(x_q)) / s * multiplier
 
-Prefill stages nothing (tiles of 8 tokens in global memory). Decode (one token) is the hand-written
-`decode_gemv` below instead: a GEMV reads each weight byte once, so all that counts is the memory
-system (16-byte loads, whole 512-byte lines per warp, many bytes in flight). The float heads
-(lm_head) use the rows x input-slices nest without dp4a. Nothing is left unbound: dlight's Fallback takes what the
-other rules do not (VerifyMemory rejects a loop that is not bound to a thread on a GPU).
+That nest is prefill's (tiles of 8 tokens, activations in global memory), and decode's only where K is
+not a multiple of 128 (activations in shared memory). Decode is otherwise the hand-written
+`decode_gemv` below: a GEMV reads each weight byte once, so all that counts is
+the memory system (16-byte loads, whole 512-byte lines per warp, many bytes in flight). The float
+heads (lm_head) use the rows x input-slices nest without dp4a. Nothing is left unbound: dlight's
+Fallback takes what the other rules do not (VerifyMemory rejects a loop not bound to a GPU thread).
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def _gemv_shape(func: tirx.PrimFunc) -> tuple[int, int] | None:
     if len(buffers) != 6 or buffers[0][0] != (1, buffers[0][0][1]) or None in buffers[3][0] + buffers[0][0]:
         return None
     n, k = buffers[3][0][0] * 16, buffers[0][0][1]
-    if k % 128 or n % 16:
+    if k % 128:  # whole 8-block warp steps
         return None
     return (n, k) if buffers == _buffers(decode_gemv(n, k)) else None
 
