@@ -4,18 +4,18 @@
 The GPU machine has no TVM compiler and no internet: compile here, carry the artifact, the
 runtime-only TVM bundle and the reference results there (`device` tool: .gpu/ is carried).
 
-  # build machine
-  bitcompile compile models/shakespeare-tiny -o .gpu/tiny-host.bitc
-  bitcompile compile models/shakespeare-tiny --target cuda-sm90 -o .gpu/tiny-sm90.bitc
-  python scripts/cuda_device_check.py reference .gpu/tiny-host.bitc -o .gpu/cpu.npz --checkpoint models/shakespeare-tiny
-  python scripts/cuda_device_check.py bundle .gpu/runtime          # the TVM runtime for Python 3.12
-  # a 2B-4T-shape artifact travels without its 1.2 GB params.bin (compile /tmp/2b4t, copy all but params.bin)
-  # GPU machine
+  # build machine: all of it in one folder (bundle, tiny-host/tiny-cuda-sm90 artifacts, cpu.npz, and a
+  # 2B-4T-shape artifact without its 1.2 GB params.bin), ~2 min
+  bitcompile synth --preset 2b4t -o /tmp/2b4t
+  python scripts/cuda_device_check.py prepare .gpu --big-model /tmp/2b4t
+  # GPU machine (the device tool: carry=[".gpu"])
   pip install --no-index --no-deps --target /tmp/site .gpu/runtime/wheels/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/.gpu/runtime TVM_USE_RUNTIME_LIB=1
-  python scripts/cuda_device_check.py check .gpu/tiny-sm90.bitc --reference .gpu/cpu.npz
-  python scripts/cuda_device_check.py params .gpu/2b4t-sm90.bitc   # params.bin from synth's recipe
-  python -m bitcompile.cli bench .gpu/2b4t-sm90.bitc --prompt 512  # speed: the bench table
+  export PYTHONPATH=/tmp/site:$PWD/.gpu/runtime:$PWD TVM_USE_RUNTIME_LIB=1
+  python scripts/cuda_device_check.py check .gpu/tiny-cuda-sm90.bitc --reference .gpu/cpu.npz
+  python scripts/cuda_device_check.py params .gpu/big-cuda-sm90.bitc  # params.bin from synth's recipe
+  python -m bitcompile.cli bench .gpu/big-cuda-sm90.bitc --prompt 512  # speed: the bench table
+
+The steps one by one: `bundle`, `reference` (with `--checkpoint`), `bitcompile compile`.
 
 `check` compares the logits (max error relative to max |logit|, the tests' 1e-3) with the CPU
 build's and the numpy reference's, and 32 greedy tokens with the CPU build's; exits 1 when they differ.
@@ -117,6 +117,37 @@ def cmd_bundle(args):
           f"for Python {args.python}")
 
 
+def cmd_prepare(args):
+    """Everything the GPU machine needs, built here into one folder to carry (`run(carry=[FOLDER])`):
+    the runtime bundle, the shipped model for the host and for the GPU with the CPU build's
+    reference, and with --big-model CKPT that checkpoint (synth's 2b4t, seed 0) for the GPU minus
+    its params.bin, which `params` re-creates there."""
+    import tempfile
+
+    import bitcompile
+    from bitcompile.cli import shipped_model
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd_bundle(argparse.Namespace(output=out / "runtime", python=args.python))
+    model = shipped_model()
+    host = bitcompile.compile(model, output=out / "tiny-host.bitc", overwrite=True, progress=False)
+    bitcompile.compile(model, target=args.target, output=out / f"tiny-{args.target}.bitc", overwrite=True,
+                       progress=False)
+    cmd_reference(argparse.Namespace(artifact=str(host), output=str(out / "cpu.npz"), checkpoint=str(model)))
+    if args.big_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            big = bitcompile.compile(args.big_model, target=args.target, output=Path(tmp) / "big.bitc", progress=False)
+            shutil.rmtree(out / f"big-{args.target}.bitc", ignore_errors=True)
+            shutil.copytree(big, out / f"big-{args.target}.bitc", ignore=lambda d, names: ["params.bin"])
+    runtime = out / "runtime" if out.is_absolute() else f"$PWD/{out}/runtime"
+    print(f"on the GPU machine (PYTHONPATH=/tmp/site:{runtime}:$PWD TVM_USE_RUNTIME_LIB=1, after "
+          f"pip install --no-index --no-deps --target /tmp/site {out}/runtime/wheels/*.whl):\n"
+          f"  python3 scripts/cuda_device_check.py check {out}/tiny-{args.target}.bitc --reference {out}/cpu.npz\n"
+          + (f"  python3 scripts/cuda_device_check.py params {out}/big-{args.target}.bitc\n"
+             f"  python3 -m bitcompile.cli bench {out}/big-{args.target}.bitc --prompt 512\n" if args.big_model else ""))
+
+
 def cmd_params(args):
     """Write params.bin of an artifact compiled from a synthetic checkpoint (`bitcompile synth`), from
     the same preset and seed: a 1.2 GB blob cannot travel to the GPU machine, its recipe can. The
@@ -174,6 +205,12 @@ def main(argv=None):
     b.add_argument("output")
     b.add_argument("--python", default="3.12", help="the GPU machine's Python version (default 3.12)")
     b.set_defaults(func=cmd_bundle)
+    pr = sub.add_parser("prepare", help="build everything the GPU machine needs into one folder")
+    pr.add_argument("output", help="folder to carry (e.g. .gpu, listed in .git/info/exclude)")
+    pr.add_argument("--target", default="cuda-sm90")
+    pr.add_argument("--big-model", help="a synthetic 2B-4T checkpoint (`bitcompile synth --preset 2b4t`) to add")
+    pr.add_argument("--python", default="3.12", help="the GPU machine's Python version (default 3.12)")
+    pr.set_defaults(func=cmd_prepare)
     q = sub.add_parser("params", help="re-create params.bin of a synthetic-checkpoint artifact")
     q.add_argument("artifact")
     q.add_argument("--preset", default="2b4t")
