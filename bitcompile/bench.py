@@ -75,20 +75,6 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     return result
 
 
-def gpu_worker_main(path: str, repeat: int, prompt: int, gen: int) -> dict:
-    """Runs inside the subprocess for a CUDA artifact: bench_gpu.gpu_worker, its timings the median of
-    `repeat` runs in this one process (a GPU context and the weights take longer to load than a run)."""
-    from .bench_gpu import gpu_worker
-
-    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-
-    def median_timing(*args) -> dict:
-        runs = [_time_engine(*args) for _ in range(repeat)]
-        return {key: float(np.median([r[key] for r in runs])) for key in runs[0]}
-
-    return gpu_worker(path, prompt, gen, median_timing, peak_rss_mb)
-
-
 def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
     """Runs inside a subprocess (TVM_NUM_THREADS set before TVM starts): each decode GEMV alone,
     in rounds that alternate a pass of the kernel with a read-bandwidth pass, so each kernel pass is
@@ -268,17 +254,16 @@ def read_source(artifact: Path) -> str:
 
 
 def format_table(report: dict) -> str:
-    head = (f"{'engine':12s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} "
-            f"{'peak RSS MB':>11s} {'MB/token':>9s} {'GB/s':>6s} {'% floor':>7s}")
     gpu = "device" in report
+    width = 18 if gpu else 12  # the GPU report's reference rows are named torch-bf16-graph/-eager
+    head = (f"{'engine':{width}s} {'thr':>3s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} "
+            f"{'peak RSS MB':>11s} {'MB/token':>9s} {'GB/s':>6s} {'% floor':>7s}")
     bandwidth = (f"{report['device']}: device-to-device copy {report['bandwidth_gbps']:.0f} GB/s (read + written); "
                  "'% floor' is of that" if gpu else
                  "read bandwidth: " + ", ".join(f"{n} thread(s) {b:.1f} GB/s"
                                                 for n, b in report["bandwidth_by_threads"].items()))
     lines = [bandwidth, f"prompt {report['prompt']} tokens, {report['gen']} generated, median of {report['repeat']} "
-                        "runs per row", head.replace("engine      ", "engine            ") if gpu else head,
-             "-" * len(head)]
-    width = 18 if gpu else 12
+                        "runs per row", head, "-" * len(head)]
     for r in report["runs"]:
         lines.append(f"{r['engine']:{width}s} {'gpu' if gpu else r['threads']:>3} {_num(r['prefill_tok_s'], 13, 1)} "
                      f"{_num(r['decode_tok_s'], 12, 2)} {_num(r['ttft_s'], 7, 3)} {_num(r['peak_rss_mb'], 11, 0)} "
@@ -309,7 +294,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "gemv":
         print(json.dumps(gemv_worker(sys.argv[2], int(sys.argv[3]))))
     elif sys.argv[1] == "gpu":
-        print(json.dumps(gpu_worker_main(sys.argv[2], *map(int, sys.argv[3:6]))))
+        from .bench_gpu import gpu_worker
+
+        print(json.dumps(gpu_worker(sys.argv[2], *map(int, sys.argv[3:6]))))
     else:
         engine, path, threads, prompt, gen = sys.argv[1:6]
         print(json.dumps(worker(engine, path, int(threads), int(prompt), int(gen))))

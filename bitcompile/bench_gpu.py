@@ -10,6 +10,7 @@ and as one CUDA graph.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -38,13 +39,6 @@ def copy_bandwidth(tvm, device, repeat: int = 20) -> float:
         a.copyto(b)
     device.sync()
     return 2 * COPY_BYTES * repeat / (time.perf_counter() - start) / 1e9
-
-
-def linear_shapes(cfg) -> dict[str, tuple[int, int]]:
-    """(out, in) of the matrices one decode step multiplies (q/k/v and gate/up fused, as compiled)."""
-    return {"qkv": (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size), "o": (cfg.hidden_size, cfg.q_size),
-            "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size), "down": (cfg.hidden_size, cfg.intermediate_size),
-            "lm_head": (cfg.vocab_size, cfg.hidden_size)}
 
 
 def profile_decode(torch, engine, steps: int = 8) -> dict:
@@ -86,10 +80,10 @@ def ternary_weight_bytes(manifest: dict) -> int:
 def time_torch_decode_linears(torch, cfg, repeat: int = 20) -> dict:
     """torch bf16 doing the linears of one decode step (nothing else: a lower bound on its step),
     eager and as one CUDA graph; every layer has its own weights, so nothing is served from L2."""
-    shapes = linear_shapes(cfg)
-    layers = [{name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-               for name, (n, k) in shapes.items() if name != "lm_head"} for _ in range(cfg.num_hidden_layers)]
-    head = torch.randn(*shapes["lm_head"], device="cuda", dtype=torch.bfloat16) * 0.02
+    shapes = cfg.fused_linear_shapes()
+    layers = [{name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for name, (n, k) in shapes.items()}
+              for _ in range(cfg.num_hidden_layers)]
+    head = torch.randn(cfg.vocab_size, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02
     inputs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes.values()}
 
     def step():
@@ -122,18 +116,22 @@ def time_torch_decode_linears(torch, cfg, repeat: int = 20) -> dict:
     return {"eager_ms": eager, "graph_ms": graphed, "bytes": nbytes}
 
 
-def gpu_worker(path: str, prompt: int, gen: int, time_engine, peak_rss_mb) -> dict:
-    """Runs inside bench's subprocess: the artifact on GPU 0, timed like the CPU engines, plus the
-    copy bandwidth and (with torch) the kernel profile and the torch bf16 reference."""
+def gpu_worker(path: str, repeat: int, prompt: int, gen: int) -> dict:
+    """Runs inside bench's subprocess: the artifact on GPU 0, timed like the CPU engines (the median of
+    `repeat` runs in this one process: a GPU context and the weights take longer to load than a run),
+    plus the copy bandwidth and (with torch) the kernel profile and the torch bf16 reference."""
+    from .bench import _time_engine, peak_rss_mb
+
     torch = import_torch()
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
     from .runtime import Engine
 
     engine = Engine(path, context_length=max(prompt + gen + 16, 80))
-    tvm = engine._tvm
-    result = time_engine(engine.prefill, engine.step, engine.config.vocab_size, prompt, gen)
+    runs = [_time_engine(engine.prefill, engine.step, engine.config.vocab_size, prompt, gen) for _ in range(repeat)]
+    result = {key: float(statistics.median(r[key] for r in runs)) for key in runs[0]}
     result["peak_rss_mb"] = peak_rss_mb()
     result["device_name"] = engine.device.device_name
-    result["copy_gbps"] = copy_bandwidth(tvm, engine.device)
+    result["copy_gbps"] = copy_bandwidth(engine._tvm, engine.device)
     if torch is not None:
         result["gpu_mem_mb"] = (lambda free, total: (total - free) / 2**20)(*torch.cuda.mem_get_info())
         result["profile"] = profile_decode(torch, engine)

@@ -41,6 +41,12 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def fused_linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(rows, inputs) of the ternary matrices a layer multiplies, fused as model.py fuses them."""
+        h = self.hidden_size
+        return {"qkv": (self.q_size + 2 * self.kv_size, h), "o": (h, self.q_size),
+                "gate_up": (2 * self.intermediate_size, h), "down": (h, self.intermediate_size)}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -386,14 +386,6 @@ def _kernel_args(tokens: int, n: int, k: int, rng) -> list[np.ndarray]:
             np.ones(n, np.float32), np.zeros((tokens, n), np.float32), weights]
 
 
-def decode_gemv_shapes(config) -> list[tuple[int, int]]:
-    """(rows, inputs) of the model's decode ternary GEMVs, fused as model.py fuses them: qkv, o,
-    gate/up, down."""
-    h = config.hidden_size
-    return [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * config.intermediate_size, h),
-            (h, config.intermediate_size)]
-
-
 def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
     """Each decode ternary GEMV of the model built alone for this machine, scheduled as `compile`
     schedules it (its tuning record, else the default): [({kernel, weight_bytes, tuned}, pass)], where
@@ -405,7 +397,7 @@ def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
     rules = TernaryRules(store)  # the rule compile applies: the tuning record's knobs, else the default
     rng = np.random.default_rng(0)
     kernels = []
-    for n, k in decode_gemv_shapes(config):
+    for n, k in config.fused_linear_shapes().values():
         hits = len(store.hits)
         lib = _compile_scheduled(rules.apply(ternary_ops.ternary_matmul_func(1, n, k), target, False), target)
         info = {"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "tuned": len(store.hits) > hits}
