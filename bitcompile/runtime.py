@@ -73,7 +73,10 @@ class Engine:
         self._params = [self._on_device(a) for a in arrays]
         self._params_file = open(self.path / PARAMS, "rb", buffering=0)  # embedding rows are read, not mapped
         self._table = self.manifest["params"][EMBEDDING]
-        self._inputs = {}  # token count -> a reused device tensor for its embedding rows (decode: 1)
+        # decode's embedding row: one tensor for every step. A fresh one per step meant a cudaMalloc,
+        # and freeing the last one a cudaFree, which waits for the whole GPU (0.7 ms a step on the
+        # H100); reuse is safe because every step ends by reading its logits back
+        self._one_row = tvm.runtime.empty((1, 1, self._table["shape"][1]), "uint16", self.device)
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
         self._kv = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
                     for name in ("add_sequence", "begin_forward", "end_forward", "clear")}
@@ -108,25 +111,14 @@ class Engine:
     def _run(self, fn: str, ids: Sequence[int]):
         """Append `ids` to the sequence in the cache through `fn` (prefill or decode)."""
         shape = self._tvm.runtime.ShapeTuple
-        tokens = self._input_tensor(len(ids))
-        tokens.copyfrom(self._embedding_rows(ids))
+        rows = self._embedding_rows(ids)
+        tokens = self._one_row if len(ids) == 1 else self._tvm.runtime.empty(rows.shape, "uint16", self.device)
+        tokens.copyfrom(rows)
         self._kv["begin_forward"](self._cache, shape([0]), shape([len(ids)]))
         out, self._cache = self._vm[fn](tokens, self._cache, self._params)
         self._kv["end_forward"](self._cache)
         self._cache_len += len(ids)
         return out
-
-    def _input_tensor(self, n: int):
-        """The device tensor for `n` tokens' embedding rows. Decode reuses one: a fresh one per step
-        meant a cudaMalloc, and freeing the last one a cudaFree, which waits for the whole GPU (0.7 ms
-        per decode step on the H100). Reuse is safe there because every step ends by reading its
-        logits back; prefill chunks are issued back to back, so each gets its own."""
-        if n in self._inputs:
-            return self._inputs[n]
-        tensor = self._tvm.runtime.empty((1, n, self._table["shape"][1]), "uint16", self.device)
-        if n == 1:
-            self._inputs[n] = tensor
-        return tensor
 
     def _prefill(self, ids: Sequence[int]):
         """Prefill from an empty cache; return the hidden states of each chunk."""
