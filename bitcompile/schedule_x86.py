@@ -32,6 +32,13 @@ from .schedule import Template, _has_blocks, scale_logits, vectorize_lanes
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
 
+def _vpdpbusd(acc, codes, b, offset: int):
+    """acc (int32x16) += per lane, 4 u8 `codes` (int8x64 bits) times the 4 int8 b[offset : offset+4]."""
+    x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload([offset], "int8x4")), 16))
+    return T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                   acc, codes, x4)
+
+
 @T.prim_func(s_tir=True)
 def _dot_16x4_desc(
     a: T.Buffer((64,), "uint8", offset_factor=1, scope="local"),
@@ -57,15 +64,8 @@ def _dot_16x4_vnni(
     with T.sblock("root"):
         T.reads(c[0:16], a[0:64], b[0:4])
         T.writes(c[0:16])
-        a_i8x64 = T.reinterpret(a.vload([0], "uint8x64"), dtype="int8x64")
-        b_i8x64 = T.reinterpret(T.broadcast(T.reinterpret(b.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64")
-        c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            c.vload([0], dtype="int32x16"),
-            a_i8x64,
-            b_i8x64,
-            dtype="int32x16",
-        )
+        c[T.ramp(T.int32(0), 1, 16)] = _vpdpbusd(c.vload([0], "int32x16"),
+                                                 T.reinterpret("int8x64", a.vload([0], "uint8x64")), b, 0)
 
 
 VNNI_PLANES_16x16 = "bitcompile_vnni_u2s8_16x16"
@@ -96,9 +96,7 @@ def _plane(a, j: int):
 
 
 def _vpdpbusd_plane(acc, a, b, j: int):
-    x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload([4 * j], "int8x4")), 16))
-    return T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                   acc, _plane(a, j), x4)
+    return _vpdpbusd(acc, _plane(a, j), b, 4 * j)
 
 
 @T.prim_func(s_tir=True)
