@@ -5,6 +5,7 @@ not depend on the weight values)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -116,8 +117,9 @@ def make_tensors(cfg: dict, fmt: str, seed: int, progress=None) -> dict[str, np.
 
 
 def write_checkpoint(out: str | Path, preset: str = "tiny", fmt: str = "autobitlinear", seed: int = 0,
-                     overwrite: bool = False, progress=None) -> Path:
-    """Write a random checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+                     overwrite: bool = False, progress=None, tokenizer: str | Path | None = None) -> Path:
+    """Write a random checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    `tokenizer`: a tokenizer.json to copy instead of building one."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if fmt not in FORMATS:
@@ -126,7 +128,10 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", fmt: str = "autobitl
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_file(make_tensors(cfg, fmt, seed, progress), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "tokenizer.json").write_text(json.dumps(make_tokenizer(cfg["vocab_size"])))
+        if tokenizer is None:
+            (tmp / "tokenizer.json").write_text(json.dumps(make_tokenizer(cfg["vocab_size"])))
+        else:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
     return Path(out)

@@ -38,13 +38,6 @@ PROMPT_TOKENS = 64
 GREEDY_TOKENS = 32
 
 
-def _torch():
-    """torch first when present: it makes libcudart.so.13 loadable for TVM's CUDA runtime."""
-    from bitcompile.bench_gpu import import_torch
-
-    return import_torch()
-
-
 def _load(artifact: str):
     import bitcompile
 
@@ -155,18 +148,13 @@ def cmd_params(args):
     from bitcompile.artifact import PARAMS, read_manifest, sha256_file, write_params
     from bitcompile.checkpoint import load_checkpoint
     from bitcompile.repack import graph_params
-    from bitcompile.synth import make_config, make_tensors
-    from safetensors.numpy import save_file
+    from bitcompile.synth import write_checkpoint
 
     art = Path(args.artifact)
     manifest = read_manifest(art)
-    ckpt_dir = Path(args.work) / "checkpoint"
-    if not (ckpt_dir / "model.safetensors").is_file():  # synth's checkpoint, its tokenizer the artifact's
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        config = make_config(args.preset, "autobitlinear")
-        (ckpt_dir / "config.json").write_text(json.dumps(config))
-        shutil.copyfile(art / "tokenizer.json", ckpt_dir / "tokenizer.json")
-        save_file(make_tensors(config, "autobitlinear", args.seed), str(ckpt_dir / "model.safetensors"))
+    ckpt_dir = Path(args.work) / f"{args.preset}-seed{args.seed}"
+    if not ckpt_dir.is_dir():  # synth's checkpoint, its tokenizer the artifact's
+        write_checkpoint(ckpt_dir, args.preset, seed=args.seed, tokenizer=art / "tokenizer.json")
     index = write_params(art / PARAMS, graph_params(load_checkpoint(ckpt_dir), manifest["weights"]["head"]))
     same = sha256_file(art / PARAMS) == manifest["files"][PARAMS] and index == manifest["params"]
     print(f"wrote {art / PARAMS}: {'identical to' if same else 'DIFFERS from'} the blob compiled with")
@@ -174,7 +162,9 @@ def cmd_params(args):
 
 
 def cmd_check(args):
-    _torch()
+    from bitcompile.bench_gpu import import_torch
+
+    import_torch()  # first when present: it makes libcudart.so.13 loadable for TVM's CUDA runtime
     engine = _load(args.artifact)
     result = {"artifact": args.artifact, "device": engine.device.device_name,
               "target": engine.manifest["target"]["name"], **compare(engine, dict(np.load(args.reference)))}
