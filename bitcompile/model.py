@@ -29,17 +29,37 @@ def quantize(x: Tensor):
                              attrs=ternary_ops.op_attrs("quantize_activations"))
 
 
+class QuantizingRMSNorm(nn.Module):
+    """RMSNorm whose output only feeds a ternary linear: returns that linear's int8 input
+    (x_q, scale, sum(x_q)) computed in one operator, with the input's leading shape."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        self.eps = eps
+        self.weight = nn.Parameter((hidden_size,), "float32")
+
+    def forward(self, x: Tensor):
+        *lead, k = x.shape
+        quantized = op.tensor_expr_op(ternary_ops.rms_norm_quantize, "rms_norm_quantize",
+                                      [op.reshape(x, (-1, k)), self.weight, self.eps],
+                                      attrs=ternary_ops.op_attrs("rms_norm_quantize"))
+        return quantized, lead
+
+
 class TernaryLinear(nn.Module):
-    """y = ternary(x_q . T^T) / s * multiplier; T stays 2-bit packed (b16x16 layout) in memory."""
+    """y = ternary(x_q . T^T) / s * multiplier; T stays 2-bit packed (b16x16 layout) in memory.
+    x: float activations, or a QuantizingRMSNorm's output (already int8)."""
 
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter((out_features // BLOCK_ROWS, in_features // BLOCK_COLS, 64), "uint8")
         self.multiplier = nn.Parameter((out_features,), "float32")
 
-    def forward(self, x: Tensor) -> Tensor:
-        *lead, k = x.shape
-        xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
+    def forward(self, x) -> Tensor:
+        if isinstance(x, tuple):
+            (xq, scale, xsum), lead = x
+        else:
+            *lead, k = x.shape
+            xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
         y = op.tensor_expr_op(ternary_ops.ternary_matmul, "ternary_matmul",
                               [xq, scale, xsum, self.weight, self.multiplier],
                               attrs=ternary_ops.op_attrs("ternary_matmul"))
@@ -108,13 +128,15 @@ class BitNetAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, kv_dtype: str = "float32"):
         self.cfg, self.kv_dtype = cfg, kv_dtype
         self.qkv_proj = TernaryLinear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
-        self.attn_sub_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.attn_sub_norm = QuantizingRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.o_proj = TernaryLinear(cfg.q_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """x: the input norm's quantized output (QuantizingRMSNorm)."""
         cfg = self.cfg
-        b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim))
+        qkv = self.qkv_proj(x)
+        b, s, _ = qkv.shape
+        qkv = op.reshape(qkv, (b, s, cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.head_dim))
         # RoPE (rotate-half) is applied to q and k inside the cache's attention, before k is stored.
         # The cache stores (and attention reads) kv_dtype; everything around it stays float32.
         qkv = qkv.astype(self.kv_dtype) if self.kv_dtype != "float32" else qkv
@@ -127,10 +149,11 @@ class BitNetMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = TernaryLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.ffn_sub_norm = nn.RMSNorm(cfg.intermediate_size, -1, cfg.rms_norm_eps, bias=False)
+        self.ffn_sub_norm = QuantizingRMSNorm(cfg.intermediate_size, cfg.rms_norm_eps)
         self.down_proj = TernaryLinear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x) -> Tensor:
+        """x: the post-attention norm's quantized output (QuantizingRMSNorm)."""
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
         gate = op.relu(gate)
         return self.down_proj(self.ffn_sub_norm(gate * gate * up))
@@ -138,9 +161,9 @@ class BitNetMLP(nn.Module):
 
 class BitNetBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, kv_dtype: str = "float32"):
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.input_layernorm = QuantizingRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = BitNetAttention(cfg, kv_dtype)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.post_attention_layernorm = QuantizingRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = BitNetMLP(cfg)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:

@@ -49,20 +49,49 @@ def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
     return sch.rfactor(lane, 1)
 
 
+def _spatial_loop(sch: s_tir.Schedule, loops):
+    """The loop that drives the (one non-unit) spatial iterator of the block under `loops`."""
+    realize = sch.get(loops[-1]).body
+    spatial = [value for var, value in zip(realize.block.iter_vars, realize.iter_values)
+               if var.iter_type == tirx.IterVar.DataPar and isinstance(value, tirx.Var)]
+    return next(loop for loop in loops if any(sch.get(loop).loop_var.same_as(v) for v in spatial))
+
+
+def _lane_and_reduction_loops(sch: s_tir.Schedule, partials):
+    """The loops of an rfactor block (_lane_partials) that drive its lane axis (its first iterator)
+    and its reduction axis."""
+    loops = sch.get_loops(partials)
+    realize = sch.get(loops[-1]).body
+    reduction = next(value for var, value in zip(realize.block.iter_vars, realize.iter_values)
+                     if var.iter_type == tirx.IterVar.CommReduce)
+
+    def loop_of(value):
+        return next(loop for loop in loops if sch.get(loop).loop_var.same_as(value))
+
+    return loop_of(realize.iter_values[0]), loop_of(reduction)
+
+
 def schedule_quantize_activations(sch: s_tir.Schedule):
     """Per token: absmax, scale and int8 values in one pass, the sum in a second over the cached
     int8 row; both reductions in 16 vector lanes. Tokens in parallel when there are many (for one
-    decode token a parallel launch costs more than the work)."""
+    decode token a parallel launch costs more than the work). rms_norm_quantize: the row's sum of
+    squares (16 lanes) comes first in each token's pass, and the normalized value is recomputed
+    where the quantization reads it."""
+    norm = []
+    if _has_blocks(sch, "sum_sq"):
+        sch.compute_inline(sch.get_sblock("normed"))
+        norm = [_lane_partials(sch, "sum_sq"), sch.get_sblock("sum_sq"), sch.get_sblock("inv_rms")]
     amax_partials, sum_partials = _lane_partials(sch, "amax"), _lane_partials(sch, "x_sum")
-    token = sch.get_loops(amax_partials)[0]
-    for name in ("amax", "act_scale", "x_q"):
-        sch.reverse_compute_at(sch.get_sblock(name), token, preserve_unit_loops=True)
+    token = sch.get_loops(norm[0] if norm else amax_partials)[0]
+    for block in norm[1:] + ([amax_partials] if norm else []) + [sch.get_sblock(n) for n in ("amax", "act_scale", "x_q")]:
+        sch.reverse_compute_at(block, token, preserve_unit_loops=True)
     vectorize_lanes(sch, sch.get_loops(sch.get_sblock("x_q"))[-1])
     if _extent(sch, token) != 1:
         for loop in (token, sch.get_loops(sum_partials)[0], sch.get_loops(sch.get_sblock("x_sum"))[0]):
             sch.parallel(loop)
-    for partials in (amax_partials, sum_partials):
-        _, k, lane = sch.get_loops(partials)[-3:]
+    for partials in norm[:1] + [amax_partials, sum_partials]:
+        lane, k = _lane_and_reduction_loops(sch, partials)
+        sch.reorder(k, lane)  # reverse_compute_at orders the loops lane first
         sch.vectorize(lane)
         sch.decompose_reduction(partials, k)
 
@@ -217,6 +246,7 @@ class TernaryRules(ScheduleRule):
 
     rules = {
         "quantize_activations": schedule_quantize_activations,
+        "rms_norm_quantize": schedule_quantize_activations,
         "lm_head": schedule_lm_head,
         "embedding": schedule_embedding,
     }

@@ -31,7 +31,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.script import tirx as T
 
-from .schedule import _has_blocks, _op_name
+from .schedule import _has_blocks, _op_name, _spatial_loop
 from .schedule_x86 import register_intrin
 
 ROWS = 16  # output rows per CUDA block: the layout's row block
@@ -266,35 +266,37 @@ def _per_thread(sch: s_tir.Schedule, loop, threads: int):
     return sch.split(loop, factors=[None, threads])
 
 
-def _spatial_loop(sch: s_tir.Schedule, loops):
-    """The loop that drives the (one non-unit) spatial iterator of the block under `loops`."""
-    realize = sch.get(loops[-1]).body
-    spatial = [value for var, value in zip(realize.block.iter_vars, realize.iter_values)
-               if var.iter_type == tirx.IterVar.DataPar and isinstance(value, tirx.Var)]
-    return next(loop for loop in loops if any(sch.get(loop).loop_var.same_as(v) for v in spatial))
-
-
 def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
     """One CUDA block per token: absmax (block reduction), scale, int8 values, their sum (block
     reduction). Thread t handles inputs t, t + threads, ... in every stage, so each reads only what it
-    wrote itself (no barrier needed between the global-memory stages)."""
+    wrote itself (no barrier needed between the global-memory stages). rms_norm_quantize first
+    reduces the row's sum of squares the same way; its 1/rms goes through shared memory like the scale,
+    and the normalized value is recomputed where it is read."""
     k = sch.get(sch.get_loops(sch.get_sblock("x_q"))[-1]).extent
     while int(k) % threads:
         threads //= 2
+    norm = _has_blocks(sch, "sum_sq")
+    if norm:
+        sch.compute_inline(sch.get_sblock("normed"))
     partials = []
-    for name in ("amax", "x_sum"):
+    for name in (["sum_sq"] if norm else []) + ["amax", "x_sum"]:
         _, t = _per_thread(sch, sch.get_loops(sch.get_sblock(name))[-1], threads)
         partials.append(sch.rfactor(t, 1))
-    x_sum = sch.get_sblock("x_sum")
+    reductions = [sch.get_sblock(name) for name in (["sum_sq"] if norm else []) + ["amax", "x_sum"]]
     token = sch.get_loops(partials[0])[0]
     sch.bind(token, "blockIdx.x")
-    for block in (sch.get_sblock("amax"), sch.get_sblock("act_scale"), sch.get_sblock("x_q"), partials[1], x_sum):
+    before = [reductions[0], sch.get_sblock("inv_rms"), partials[1]] if norm else []
+    for block in before + [sch.get_sblock("amax"), sch.get_sblock("act_scale"), sch.get_sblock("x_q"),
+                           partials[-1], reductions[-1]]:
         sch.reverse_compute_at(block, token)
-    sch.set_scope(sch.get_sblock("amax"), 0, "local")
+    for block in reductions[:-1]:
+        sch.set_scope(block, 0, "local")
     # TVM computes the scale on thread 0 only: x_q reads it from shared memory (after a barrier), not
     # from the global output, which the other threads could read before thread 0 wrote it
     copy_out = sch.cache_write(sch.get_sblock("act_scale"), 0, "shared", consumer_blocks=[sch.get_sblock("x_q")])
     sch.reverse_compute_at(copy_out, token)
+    if norm:
+        sch.set_scope(sch.get_sblock("inv_rms"), 0, "shared")
     _, t = _per_thread(sch, sch.get_loops(sch.get_sblock("x_q"))[-1], threads)
     sch.bind(t, "threadIdx.x")
     for partial in partials:  # their lane loop (spatial after rfactor) outermost, one lane per thread
@@ -303,7 +305,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
         sch.reorder(lane, *(loop for loop in loops if loop != lane))
         sch.bind(lane, "threadIdx.x")
         sch.set_scope(partial, 0, "local")
-    for block in (sch.get_sblock("amax"), x_sum):
+    for block in reductions:
         sch.bind(sch.get_loops(block)[1], "threadIdx.x")
 
 
@@ -312,7 +314,7 @@ class CudaRules(ScheduleRule):
 
     rules = {"ternary_matmul": schedule_ternary_matmul, "lm_head": schedule_lm_head,
              "quantize_activations": schedule_quantize_activations,
-             "lm_head_int8": schedule_lm_head_int8}
+             "rms_norm_quantize": schedule_quantize_activations, "lm_head_int8": schedule_lm_head_int8}
 
     def apply(self, func, target, tunable):
         rule = self.rules.get(_op_name(func)) if isinstance(func, tirx.PrimFunc) else None

@@ -1,6 +1,7 @@
 """The ternary operators of the graph, as tensor expressions (TE). Their schedules live in schedule.py.
 
 quantize_activations: x f32 [M, K] -> x_q int8 [M, K], s f32 [M] (127 / max|x|), sum(x_q) int32 [M]
+rms_norm_quantize:   (x f32 [M, K], weight f32 [K]) -> quantize_activations(rms_norm(x) * weight), one operator
 ternary_matmul:      (x_q, s, sum, W packed b16x16 [N/16, K/16, 64], multiplier f32 [N]) -> y f32 [M, N]
                      y = (sum_k code * x_q - sum(x_q)) / s * multiplier, code = t + 1 in {0, 1, 2}
 bf16 table ops:      embedding lookup and the tied lm_head on a bf16 table kept as uint16 bits.
@@ -36,6 +37,19 @@ def quantize_activations(x: te.Tensor):
     rs = te.reduce_axis((0, k), name="ks")
     xsum = te.compute((m,), lambda i: te.sum(xq[i, rs].astype("int32"), axis=rs), name="x_sum")
     return xq, scale, xsum
+
+
+def rms_norm_quantize(x: te.Tensor, weight: te.Tensor, eps: float):
+    """RMSNorm (TOPI's formula: x * rsqrt(mean(x^2) + eps) * weight) straight into the per-token int8
+    quantization of the ternary linear it feeds: the normalized row is never written to memory, and a
+    norm and a quantization are one kernel instead of two (on a GPU, each is a launch per layer)."""
+    m, k = x.shape
+    rk = te.reduce_axis((0, k), name="k")
+    sum_sq = te.compute((m,), lambda i: te.sum(x[i, rk] * x[i, rk], axis=rk), name="sum_sq")
+    inv_rms = te.compute((m,), lambda i: tirx.rsqrt(sum_sq[i] / k.astype("float32")
+                                                    + tirx.const(eps, "float32")), name="inv_rms")
+    normed = te.compute((m, k), lambda i, j: x[i, j] * inv_rms[i] * weight[j], name="normed")
+    return quantize_activations(normed)
 
 
 M_TILE = 8  # prefill: tokens per register tile; a dynamic token count is padded up to a multiple

@@ -165,3 +165,20 @@ def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
     per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64), xq.reshape(m, 4, 32).astype(np.int64))
     want = (per_group * gscale.astype(np.float64)[None]).sum(axis=2)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("m, k", [(1, 2560), (7, 256)])
+def test_rms_norm_quantize_matches_the_reference_norm_then_quantization(m, k):
+    """One operator, the int8 values, scale and sum of numpy's RMSNorm followed by its quantization. The
+    sum of squares is reduced in 16 lanes, not numpy's order: 1/rms may differ by an ulp, which can move
+    a rare value across a rounding boundary by one step."""
+    x, w = te.placeholder((m, k), "float32"), te.placeholder((k,), "float32")
+    lib = build([x, w, *ternary_ops.rms_norm_quantize(x, w, 1e-5)], schedule.schedule_quantize_activations)
+    rng = np.random.default_rng(k)
+    xv, wv = (rng.standard_normal((m, k)) * 3).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    _, _, xq, s, xsum = run(lib, xv, wv, np.zeros((m, k), np.int8), np.zeros(m, np.float32), np.zeros(m, np.int32))
+    ref_q, ref_s = reference.quantize_activations(reference.rms_norm(xv, wv, 1e-5))
+    steps = np.abs(xq.astype(np.int32) - ref_q)
+    assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
+    np.testing.assert_allclose(s, ref_s[:, 0], rtol=3e-7)
+    np.testing.assert_array_equal(np.abs(xsum - ref_q.sum(axis=1)) <= steps.sum(axis=1), True)
