@@ -49,14 +49,6 @@ def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
     return sch.rfactor(lane, 1)
 
 
-def _spatial_loop(sch: s_tir.Schedule, loops):
-    """The loop that drives the (one non-unit) spatial iterator of the block under `loops`."""
-    realize = sch.get(loops[-1]).body
-    spatial = [value for var, value in zip(realize.block.iter_vars, realize.iter_values)
-               if var.iter_type == tirx.IterVar.DataPar and isinstance(value, tirx.Var)]
-    return next(loop for loop in loops if any(sch.get(loop).loop_var.same_as(v) for v in spatial))
-
-
 def _lane_and_reduction_loops(sch: s_tir.Schedule, partials):
     """The loops of an rfactor block (_lane_partials) that drive its lane axis (its first iterator)
     and its reduction axis."""

@@ -31,7 +31,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.script import tirx as T
 
-from .schedule import _has_blocks, _op_name, _spatial_loop
+from .schedule import _has_blocks, _op_name
 from .schedule_x86 import register_intrin
 
 ROWS = 16  # output rows per CUDA block: the layout's row block
@@ -266,6 +266,14 @@ def _per_thread(sch: s_tir.Schedule, loop, threads: int):
     return sch.split(loop, factors=[None, threads])
 
 
+def _spatial_loop(sch: s_tir.Schedule, loops):
+    """The loop that drives the (one non-unit) spatial iterator of the block under `loops`."""
+    realize = sch.get(loops[-1]).body
+    spatial = [value for var, value in zip(realize.block.iter_vars, realize.iter_values)
+               if var.iter_type == tirx.IterVar.DataPar and isinstance(value, tirx.Var)]
+    return next(loop for loop in loops if any(sch.get(loop).loop_var.same_as(v) for v in spatial))
+
+
 def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
     """One CUDA block per token: absmax (block reduction), scale, int8 values, their sum (block
     reduction). Thread t handles inputs t, t + threads, ... in every stage, so each reads only what it
@@ -278,11 +286,11 @@ def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
     norm = _has_blocks(sch, "sum_sq")
     if norm:
         sch.compute_inline(sch.get_sblock("normed"))
-    partials = []
-    for name in (["sum_sq"] if norm else []) + ["amax", "x_sum"]:
-        _, t = _per_thread(sch, sch.get_loops(sch.get_sblock(name))[-1], threads)
-        partials.append(sch.rfactor(t, 1))
     reductions = [sch.get_sblock(name) for name in (["sum_sq"] if norm else []) + ["amax", "x_sum"]]
+    partials = []
+    for block in reductions:
+        _, t = _per_thread(sch, sch.get_loops(block)[-1], threads)
+        partials.append(sch.rfactor(t, 1))
     token = sch.get_loops(partials[0])[0]
     sch.bind(token, "blockIdx.x")
     before = [reductions[0], sch.get_sblock("inv_rms"), partials[1]] if norm else []
