@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 def load(path, **kwargs):
     """Load a compiled artifact: returns an Engine (see bitcompile.runtime.Engine)."""
-    from .runtime import Engine
+    from .runtime.engine import Engine
 
     return Engine(path, **kwargs)
 
@@ -25,7 +25,7 @@ def compile(model_dir, target="host", output=None, overwrite=False, progress=Tru
     head: lm_head storage, "bf16" | "int8" | "q4" | "f32" (default: int8 for vocabularies >= 32000, else bf16).
     schedules: folder of tuning records (default: the committed schedules/).
     kv_cache: "f32" | "f16" KV cache storage (default: f16 for vocabularies >= 32000, else f32)."""
-    from .build import compile_model
+    from .compiler.build import compile_model
 
     return compile_model(model_dir, target=target, output=output, overwrite=overwrite, progress=progress, head=head,
                          schedules=schedules, kv_cache=kv_cache)

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .head import HEAD_KINDS
+from .model.head import HEAD_KINDS
 
 EXAMPLES = """\
 examples:
@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 
 
 def _checkpoint_digest(model_dir: Path) -> str:
-    from .artifact import sha256_file
+    from .runtime.artifact import sha256_file
 
     h = hashlib.sha256()
     for path in sorted(model_dir.iterdir()):
@@ -48,17 +48,17 @@ def _compiler_digest() -> str:
     outlives the code that compiled it (schedules change between commits, not only between releases)."""
     from . import __version__
 
-    from .records import schedules_dir
+    from .compiler.records import schedules_dir
 
     h = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")) + sorted(schedules_dir().glob("*/*.json")):
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")) + sorted(schedules_dir().glob("*/*.json")):
         h.update(path.read_bytes())
     return f"{__version__}-{h.hexdigest()[:8]}"
 
 
 def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) -> Path:
     """An artifact path: given as one, or compiled from a checkpoint into the cache on first use."""
-    from .artifact import MANIFEST
+    from .runtime.artifact import MANIFEST
 
     if (model_or_artifact / MANIFEST).is_file():
         return model_or_artifact
@@ -68,7 +68,7 @@ def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) 
     digest = _checkpoint_digest(model_or_artifact)
     out = cache_dir() / f"{model_or_artifact.name}-{digest}-{target}-{head or 'default'}-{_compiler_digest()}.bitc"
     if not (out / MANIFEST).is_file():
-        from .build import compile_model
+        from .compiler.build import compile_model
 
         print(f"compiling {model_or_artifact} for {target} (first use; cached in {out})", file=sys.stderr)
         compile_model(model_or_artifact, target=target, output=out, overwrite=True, head=head)
@@ -76,8 +76,8 @@ def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) 
 
 
 def cmd_compile(args):
-    from .build import compile_model
-    from .targets import resolve_target
+    from .compiler.build import compile_model
+    from .compiler.targets import resolve_target
 
     target = resolve_target(args.target, cpu=args.cpu, features=args.features)
     compile_model(args.model, target=target, output=args.output, overwrite=args.force, head=args.head,
@@ -85,7 +85,7 @@ def cmd_compile(args):
 
 
 def cmd_tune(args):
-    from .tune import tune
+    from .compiler.tune import tune
 
     if args.trials < 1:
         raise ValueError("--trials must be at least 1")
@@ -100,7 +100,7 @@ def cmd_run(args):
     artifact = artifact_for(source, args.target)
     if "tvm" not in sys.modules:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # nothing was compiled: load only the TVM runtime
-    from .runtime import Engine
+    from .runtime.engine import Engine
 
     engine = Engine(artifact, context_length=args.context)
     prompt = args.prompt
@@ -115,7 +115,7 @@ def cmd_run(args):
 
 
 def cmd_bench(args):
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     threads = [int(t) for t in args.threads.split(",")]
     if any(t < 1 for t in threads) or args.prompt < 1 or args.gen < 1 or args.repeat < 1:
@@ -128,7 +128,7 @@ def cmd_bench(args):
 def cmd_synth(args):
     from tqdm import tqdm
 
-    from .synth import PRESETS, write_checkpoint
+    from .tools.synth import PRESETS, write_checkpoint
 
     layers = PRESETS[args.preset]["num_hidden_layers"]
     with tqdm(total=layers, desc=f"synth {args.preset}", unit="layer") as bar:
@@ -138,7 +138,7 @@ def cmd_synth(args):
 
 
 def cmd_info(args):
-    from .artifact import read_manifest, verify_files
+    from .runtime.artifact import read_manifest, verify_files
 
     path = Path(args.artifact)
     m = read_manifest(path)
@@ -166,7 +166,7 @@ def cmd_info(args):
 
 
 def cmd_export_onnx(args):
-    from .onnx_export import export_onnx
+    from .tools.onnx_export import export_onnx
 
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -175,8 +175,8 @@ def cmd_export_onnx(args):
 
 
 def cmd_targets(args):
-    from .cross import build_status
-    from .targets import preset_names, resolve_target
+    from .compiler.cross import build_status
+    from .compiler.targets import preset_names, resolve_target
 
     for name in preset_names():
         spec = resolve_target(name)

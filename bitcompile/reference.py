@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .head import reference_head
+from .model.checkpoint import Checkpoint
+from .model.head import reference_head
 
 F32 = np.float32
 

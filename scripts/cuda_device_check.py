@@ -61,7 +61,7 @@ def cmd_reference(args):
     ids = _inputs(engine)
     saved = {"ids": np.asarray(ids), "logits": engine.logits(ids), "greedy": np.asarray(_greedy(engine, ids))}
     if args.checkpoint:  # the numpy reference model's logits too (independent of TVM)
-        from bitcompile.checkpoint import load_checkpoint
+        from bitcompile.model.checkpoint import load_checkpoint
         from bitcompile.reference import ReferenceModel
 
         saved["numpy_logits"] = ReferenceModel(load_checkpoint(args.checkpoint)).logits(ids)
@@ -145,10 +145,10 @@ def cmd_params(args):
     """Write params.bin of an artifact compiled from a synthetic checkpoint (`bitcompile synth`), from
     the same preset and seed: a 1.2 GB blob cannot travel to the GPU machine, its recipe can. The
     manifest's sha256 says whether the blob is the one compiled with."""
-    from bitcompile.artifact import PARAMS, read_manifest, sha256_file, write_params
-    from bitcompile.checkpoint import load_checkpoint
-    from bitcompile.repack import graph_params
-    from bitcompile.synth import write_checkpoint
+    from bitcompile.runtime.artifact import PARAMS, read_manifest, sha256_file, write_params
+    from bitcompile.model.checkpoint import load_checkpoint
+    from bitcompile.model.repack import graph_params
+    from bitcompile.tools.synth import write_checkpoint
 
     art = Path(args.artifact)
     manifest = read_manifest(art)
@@ -162,7 +162,7 @@ def cmd_params(args):
 
 
 def cmd_check(args):
-    from bitcompile.bench_gpu import import_torch
+    from bitcompile.tools.bench_gpu import import_torch
 
     import_torch()  # first when present: it makes libcudart.so.13 loadable for TVM's CUDA runtime
     engine = _load(args.artifact)

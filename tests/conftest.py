@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from bitcompile.synth import write_checkpoint
+from bitcompile.tools.synth import write_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +44,8 @@ def require(ok: bool, reason: str):
 def cross_build(checkpoints, tmp_path_factory):
     """The tiny checkpoint compiled for a target preset, once per session: cross_build("rpi5") -> path."""
     import bitcompile
-    from bitcompile.cross import linker_for
-    from bitcompile.targets import TargetError, resolve_target
+    from bitcompile.compiler.cross import linker_for
+    from bitcompile.compiler.targets import TargetError, resolve_target
 
     root = tmp_path_factory.mktemp("cross")
     built = {}

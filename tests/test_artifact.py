@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 import bitcompile
-from bitcompile.artifact import ArtifactError
-from bitcompile.config import CheckpointError
-from bitcompile.targets import TargetError
+from bitcompile.runtime.artifact import ArtifactError
+from bitcompile.model.config import CheckpointError
+from bitcompile.compiler.targets import TargetError
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tvm
 
-from bitcompile.attention_cpu import attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu
-from bitcompile.targets import host_target
+from bitcompile.kernels.attention_cpu import attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu
+from bitcompile.compiler.targets import host_target
 
 HQ, HKV, D, PAGE = 4, 2, 32, 16
 SCALE = D**-0.5
@@ -90,7 +90,7 @@ def test_paged_prefill_sees_the_prefix_and_respects_causality(cached, new, causa
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("apply_rope", [1, 0])
 def test_rope_rotates_q_and_k_and_passes_v(dtype, apply_rope):
-    from bitcompile.attention_cpu import rope_cpu
+    from bitcompile.kernels.attention_cpu import rope_cpu
 
     theta, n = 10000.0, 5
     rng = np.random.default_rng(apply_rope)
@@ -112,7 +112,7 @@ def test_rope_rotates_q_and_k_and_passes_v(dtype, apply_rope):
 
 @pytest.mark.parametrize("dtype, d", [("float32", 32), ("float16", 40)])
 def test_merge_state_combines_two_partial_softmaxes(dtype, d):
-    from bitcompile.attention_cpu import merge_state_cpu
+    from bitcompile.kernels.attention_cpu import merge_state_cpu
 
     rng = np.random.default_rng(d)
     n, h = 6, 3

@@ -2,9 +2,9 @@
 
 import json
 
-from bitcompile.bench import kv_bytes_per_token, measure_bandwidth
+from bitcompile.tools.bench import kv_bytes_per_token, measure_bandwidth
 from bitcompile.cli import main
-from bitcompile.config import load_config
+from bitcompile.model.config import load_config
 
 
 def test_bench_reports_both_engines(checkpoints, tmp_path, monkeypatch, capsys):

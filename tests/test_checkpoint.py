@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitcompile.checkpoint import load_checkpoint
-from bitcompile.config import CheckpointError
-from bitcompile.packing import unpack_hf
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.model.config import CheckpointError
+from bitcompile.model.packing import unpack_hf
 
 Q = "model.layers.1.self_attn.q_proj"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bitcompile
-from bitcompile.checkpoint import load_checkpoint
+from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.reference import ReferenceModel
 
 TOLERANCE = 1e-3  # of max|logit|

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import bitcompile
-from bitcompile.targets import TargetError, resolve_target
+from bitcompile.compiler.targets import TargetError, resolve_target
 from conftest import require
 
 EM_ARM, EM_AARCH64 = 40, 183

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import bitcompile
-from bitcompile import cross, cuda
-from bitcompile.checkpoint import load_checkpoint
+from bitcompile.compiler import cross, cuda
+from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.reference import ReferenceModel
-from bitcompile.targets import TargetError, resolve_target
+from bitcompile.compiler.targets import TargetError, resolve_target
 
 from conftest import require
 from test_compiled_model import TOLERANCE
@@ -68,8 +68,8 @@ def test_dp4a_kernels_for_2b_shapes():
     """Decode and prefill schedules of the 2B4T ternary shapes tensorize to __dp4a (no compiling)."""
     from tvm import s_tir
 
-    from bitcompile import schedule_cuda
-    from bitcompile.ternary_ops import ternary_matmul_func
+    from bitcompile.kernels import cuda as schedule_cuda
+    from bitcompile.kernels.ternary import ternary_matmul_func
 
     for tokens in (1, None):
         for n, k in ((3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)):
@@ -101,8 +101,8 @@ def test_gpu_greedy_tokens_equal_cpu_build(engine, gpu_engine):
 def _scheduled(tokens, n, k) -> str:
     import tvm
 
-    from bitcompile.schedule_cuda import CudaRules
-    from bitcompile.ternary_ops import ternary_matmul_func
+    from bitcompile.kernels.cuda import CudaRules
+    from bitcompile.kernels.ternary import ternary_matmul_func
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     return CudaRules().apply(ternary_matmul_func(tokens, n, k), target, False).mod.script()
@@ -122,7 +122,7 @@ def test_prefill_and_small_k_keep_the_tiled_schedule(tokens, n, k):
 
 
 def test_gemv_warps_cover_every_input_block():
-    from bitcompile.schedule_cuda import _gemv_warps
+    from bitcompile.kernels.cuda import _gemv_warps
 
     for groups in range(1, 200):
         warps = _gemv_warps(groups)
@@ -137,7 +137,7 @@ def test_cuda_kv_cache_decodes_with_our_split_attention():
     import tvm
     from tvm.relax.frontend.nn.llm import kv_cache
 
-    from bitcompile.attention_cuda import use_fast_cuda_attention
+    from bitcompile.kernels.attention_cuda import use_fast_cuda_attention
 
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with use_fast_cuda_attention():
@@ -155,7 +155,7 @@ def test_cuda_builds_without_fast_math(monkeypatch):
 
     import tvm
 
-    from bitcompile.cuda import compile_env
+    from bitcompile.compiler.cuda import compile_env
 
     require(not cuda.missing_tools(), "needs nvcc and gcc on PATH")
     monkeypatch.delenv("TVM_CUDA_NVCC_NO_FAST_MATH", raising=False)
@@ -179,9 +179,9 @@ def test_bench_of_a_cuda_artifact_without_a_gpu_names_the_fix(cuda_build, capsys
 def test_gpu_bench_report_relates_speed_to_the_copy_bandwidth(cuda_build):
     """bench's GPU rows from one worker result: GB/s = bytes per token x tokens/s, as a fraction of
     the measured copy bandwidth; the ternary linears' GB/s from the manifest's weight bytes."""
-    from bitcompile.artifact import read_manifest
-    from bitcompile.bench import format_table
-    from bitcompile.bench_gpu import gpu_report, ternary_weight_bytes
+    from bitcompile.runtime.artifact import read_manifest
+    from bitcompile.tools.bench import format_table
+    from bitcompile.tools.bench_gpu import gpu_report, ternary_weight_bytes
 
     manifest = read_manifest(cuda_build("cuda-sm90"))
     worker = {"prefill_tok_s": 6000.0, "decode_tok_s": 400.0, "ttft_s": 0.08, "peak_rss_mb": 900.0,
@@ -203,7 +203,7 @@ def test_gpu_bench_report_relates_speed_to_the_copy_bandwidth(cuda_build):
 def test_gpu_bench_runs_on_the_gpu(cuda_build):
     if not cuda.device_present():
         pytest.skip(NO_GPU)
-    from bitcompile.bench import run_bench
+    from bitcompile.tools.bench import run_bench
 
     report = run_bench(cuda_build("cuda-sm90"), [1], 16, 8, None, None, None, repeat=1, say=lambda *_: None)
     assert report["runs"][0]["decode_tok_s"] > 0 and report["bandwidth_gbps"] > 100

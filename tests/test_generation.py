@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bitcompile.runtime import PromptError
-from bitcompile.sampling import Sampler, SamplingParams
+from bitcompile.runtime.engine import PromptError
+from bitcompile.runtime.sampling import Sampler, SamplingParams
 
 
 def test_stream_pieces_join_to_generate(engine):

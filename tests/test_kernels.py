@@ -6,9 +6,10 @@ import pytest
 import tvm
 from tvm import s_tir, te
 
-from bitcompile import reference, schedule, ternary_ops
-from bitcompile.packing import pack_kernel
-from bitcompile.targets import host_target
+from bitcompile import reference
+from bitcompile.kernels import schedule, ternary
+from bitcompile.model.packing import pack_kernel
+from bitcompile.compiler.targets import host_target
 
 TARGET = tvm.target.Target(host_target().tvm)
 
@@ -48,7 +49,7 @@ def exact_dot(xq, weights):
 @pytest.mark.parametrize("m, k", [(1, 64), (5, 2560 // 8)])
 def test_quantize_activations_matches_reference_exactly(m, k):
     x = te.placeholder((m, k), "float32")
-    lib = build([x, *ternary_ops.quantize_activations(x)], schedule.schedule_quantize_activations)
+    lib = build([x, *ternary.quantize_activations(x)], schedule.schedule_quantize_activations)
     xv = (np.random.default_rng(m).standard_normal((m, k)) * 3).astype(np.float32)
     xv[0, :4] = [0.5, -0.5, 1.5, 2.5]  # ties: round half to even
     _, xq, s, xsum = run(lib, xv, np.zeros((m, k), np.int8), np.zeros(m, np.float32), np.zeros(m, np.int32))
@@ -61,7 +62,7 @@ def test_quantize_activations_matches_reference_exactly(m, k):
 @pytest.mark.parametrize("m, n, k", [(1, 48, 64), (7, 32, 160), (1, 3 * 64, 256)])
 def test_ternary_matmul_integer_dot_is_exact(m, n, k):
     rng = np.random.default_rng(n + k)
-    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule.schedule_ternary_matmul, m, k,
+    matmul = integer_kernel(ternary.ternary_matmul, schedule.schedule_ternary_matmul, m, k,
                             (n // 16, k // 16, 64), n)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
@@ -76,38 +77,38 @@ def test_bf16_lm_head_and_embedding(m):
     v, h = 100, 64
     table = rng.standard_normal((v, h)).astype(np.float32).astype(ml_dtypes.bfloat16)
     x_t, tab_t = te.placeholder((m, h), "float32"), te.placeholder((v, h), "uint16")
-    head = build([x_t, tab_t, ternary_ops.lm_head_bf16(x_t, tab_t)], schedule.schedule_lm_head)
+    head = build([x_t, tab_t, ternary.lm_head_bf16(x_t, tab_t)], schedule.schedule_lm_head)
     x = rng.standard_normal((m, h)).astype(np.float32)
     *_, logits = run(head, x, table.view(np.uint16), np.zeros((m, v), np.float32))
     np.testing.assert_allclose(logits, x @ table.astype(np.float32).T, rtol=1e-5, atol=1e-5)
 
     rows_t = te.placeholder((m, h), "uint16")  # the runtime gathers the rows; the graph widens them
-    embed = build([rows_t, ternary_ops.embedding_bf16(rows_t)], schedule.schedule_embedding)
+    embed = build([rows_t, ternary.embedding_bf16(rows_t)], schedule.schedule_embedding)
     ids = rng.integers(0, v, m)
     *_, rows = run(embed, table.view(np.uint16)[ids], np.zeros((m, h), np.float32))
     np.testing.assert_array_equal(rows, table.astype(np.float32)[ids])
 
 
-@pytest.mark.skipif(not __import__("bitcompile.schedule_x86", fromlist=["x"]).has_vnni(TARGET),
+@pytest.mark.skipif(not __import__("bitcompile.kernels.x86", fromlist=["x"]).has_vnni(TARGET),
                     reason="host CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("m, n, k", [(1, 64, 64), (1, 128, 256), (5, 192, 160), (3, 64 * 3, 2560 // 4)])
 def test_vnni_ternary_matmul_is_exact(m, n, k):
-    from bitcompile.schedule_x86 import schedule_ternary_matmul_vnni
+    from bitcompile.kernels.x86 import schedule_ternary_matmul_vnni
     rng = np.random.default_rng(n * k + m)
-    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule_ternary_matmul_vnni, m, k, (n // 16, k // 16, 64), n)
+    matmul = integer_kernel(ternary.ternary_matmul, schedule_ternary_matmul_vnni, m, k, (n // 16, k // 16, 64), n)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
     xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
     np.testing.assert_array_equal(matmul(xq, pack_kernel(t)), exact_dot(xq, t))
 
 
-@pytest.mark.skipif(not __import__("bitcompile.schedule_x86", fromlist=["x"]).has_vnni(TARGET),
+@pytest.mark.skipif(not __import__("bitcompile.kernels.x86", fromlist=["x"]).has_vnni(TARGET),
                     reason="host CPU has no AVX-512 VNNI")
 def test_vnni_decode_unpacks_with_16_bit_shifts():
     """The decode kernel's bit planes come from 16-bit lane shifts (vpsrlw), not the byte shifts LLVM
     makes of uint8 shifts (vgf2p8affineqb: on Zen 4 those bounded one thread at 31 GB/s from L3)."""
-    from bitcompile.schedule_x86 import schedule_ternary_matmul_vnni
+    from bitcompile.kernels.x86 import schedule_ternary_matmul_vnni
 
-    sch = s_tir.Schedule(ternary_ops.ternary_matmul_func(1, 256, 512))
+    sch = s_tir.Schedule(ternary.ternary_matmul_func(1, 256, 512))
     schedule_ternary_matmul_vnni(sch)
     asm = tvm.tirx.build(sch.mod, TARGET).inspect_source("asm")
     assert "vpdpbusd" in asm and "vpsrlw" in asm and "vgf2p8affineqb" not in asm
@@ -116,14 +117,14 @@ def test_vnni_decode_unpacks_with_16_bit_shifts():
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (3, 64)])
 def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
-    from bitcompile.head import block_int8_rows, padded_vocab, quantize_int8_rows
-    from bitcompile.schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
+    from bitcompile.model.head import block_int8_rows, padded_vocab, quantize_int8_rows
+    from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_int8_vnni
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(v + m)
     h = 64
     q, scale = quantize_int8_rows(rng.standard_normal((v, h)).astype(np.float32))
-    head = integer_kernel(ternary_ops.lm_head_int8, schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8,
+    head = integer_kernel(ternary.lm_head_int8, schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8,
                           m, h, (padded_vocab(v) // 16, h // 4, 64), v)
     xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
     np.testing.assert_array_equal(head(xq, block_int8_rows(q)), exact_dot(xq, q))
@@ -133,11 +134,11 @@ def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
 @pytest.mark.parametrize("m", [1, 7, 8, 21])
 def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
     """The prefill variant (symbolic token count, padded to whole tiles inside the op)."""
-    from bitcompile.schedule_x86 import has_vnni, schedule_ternary_matmul_vnni
+    from bitcompile.kernels.x86 import has_vnni, schedule_ternary_matmul_vnni
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     n, k = 128, 96
-    matmul = integer_kernel(ternary_ops.ternary_matmul, schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul,
+    matmul = integer_kernel(ternary.ternary_matmul, schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul,
                             tvm.tirx.Var("m", "int64"), k, (n // 16, k // 16, 64), n)
     rng = np.random.default_rng(m)
     t = rng.integers(-1, 2, (n, k)).astype(np.int8)
@@ -148,8 +149,8 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64)])
 def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
-    from bitcompile.head import block_q4, padded_vocab, quantize_q4_groups
-    from bitcompile.schedule_x86 import has_vnni, schedule_lm_head_q4_vnni
+    from bitcompile.model.head import block_q4, padded_vocab, quantize_q4_groups
+    from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_q4_vnni
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(v + m)
@@ -158,7 +159,7 @@ def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
     codes, scales = block_q4(q, gscale)
     xq_t, s_t = te.placeholder((m, h), "int8"), te.placeholder((m,), "float32")
     w_t, gs_t = te.placeholder(codes.shape, "uint8"), te.placeholder(scales.shape, "float16")
-    lib = build([xq_t, s_t, w_t, gs_t, ternary_ops.lm_head_q4(xq_t, s_t, w_t, gs_t, v)],
+    lib = build([xq_t, s_t, w_t, gs_t, ternary.lm_head_q4(xq_t, s_t, w_t, gs_t, v)],
                 schedule_lm_head_q4_vnni if vnni else schedule.schedule_lm_head_q4)
     xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
     *_, logits = run(lib, xq, np.ones(m, np.float32), codes, scales, np.zeros((m, v), np.float32))
@@ -173,7 +174,7 @@ def test_rms_norm_quantize_matches_the_reference_norm_then_quantization(m, k):
     sum of squares is reduced in 16 lanes, not numpy's order: 1/rms may differ by an ulp, which can move
     a rare value across a rounding boundary by one step."""
     x, w = te.placeholder((m, k), "float32"), te.placeholder((k,), "float32")
-    lib = build([x, w, *ternary_ops.rms_norm_quantize(x, w, 1e-5)], schedule.schedule_quantize_activations)
+    lib = build([x, w, *ternary.rms_norm_quantize(x, w, 1e-5)], schedule.schedule_quantize_activations)
     rng = np.random.default_rng(k)
     xv, wv = (rng.standard_normal((m, k)) * 3).astype(np.float32), rng.standard_normal(k).astype(np.float32)
     _, _, xq, s, xsum = run(lib, xv, wv, np.zeros((m, k), np.int8), np.zeros(m, np.float32), np.zeros(m, np.int32))

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from bitcompile import onnx_export, synth
-from bitcompile.baseline_ort import OrtEngine
-from bitcompile.checkpoint import load_checkpoint
-from bitcompile.onnx_export import block_size_for, export_onnx, pack_nbits, quantize_nbits, ternary_nbits
+from bitcompile.tools import onnx_export, synth
+from bitcompile.tools.baseline_ort import OrtEngine
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.tools.onnx_export import block_size_for, export_onnx, pack_nbits, quantize_nbits, ternary_nbits
 from bitcompile.reference import ReferenceModel
 
 N_TOKENS = 24

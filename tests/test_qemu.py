@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from bitcompile import qemu
-from bitcompile.checkpoint import load_checkpoint
+from bitcompile.tools import qemu
+from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.reference import ReferenceModel
 from conftest import require
 from test_compiled_model import TOLERANCE
@@ -40,7 +40,7 @@ print(json.dumps(ids))
 """
 UNGATED = r"""
 import sys
-import bitcompile.runtime as runtime
+import bitcompile.runtime.engine as runtime
 
 runtime.check_runnable = lambda requires, name: None  # what the hardware does without our gate
 runtime.Engine(sys.argv[1]).logits([1, 2, 3])

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from bitcompile import qemu, records, tune
+from bitcompile.compiler import records, tune
+from bitcompile.tools import qemu
 from conftest import require
 
 pytestmark = pytest.mark.qemu
@@ -65,7 +66,7 @@ def device():
 def test_tuning_over_rpc_writes_a_record_the_next_rpi5_compile_applies(device, checkpoints, tmp_path):
     import bitcompile
     import tvm
-    from bitcompile.targets import resolve_target
+    from bitcompile.compiler.targets import resolve_target
 
     tracker, key = device
     model, schedules = checkpoints["autobitlinear"], tmp_path / "schedules"

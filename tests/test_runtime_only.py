@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from bitcompile.checkpoint import load_checkpoint
+from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.reference import ReferenceModel
 
 RUNTIME_SCRIPT = r"""
@@ -28,7 +28,7 @@ maps = open("/proc/self/maps").read()
 np.save(sys.argv[2], logits)
 print(json.dumps({"text": text, "compiler_mapped": "libtvm_compiler" in maps,
                   "runtime_mapped": "libtvm_runtime" in maps,
-                  "build_imported": "bitcompile.build" in sys.modules, "compiler_usable": compiler_usable}))
+                  "build_imported": "bitcompile.compiler.build" in sys.modules, "compiler_usable": compiler_usable}))
 """
 
 
@@ -79,7 +79,7 @@ def test_runtime_keeps_torch_out_of_the_process_but_importable():
         import pytest
 
         pytest.skip("torch is not installed here, so there is nothing to keep out")
-    script = ("import sys\nfrom bitcompile.runtime import import_tvm_runtime\nimport_tvm_runtime()\n"
+    script = ("import sys\nfrom bitcompile.runtime.engine import import_tvm_runtime\nimport_tvm_runtime()\n"
               "print('torch' in sys.modules)\nimport torch\nprint(torch.ones(2).sum().item())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "2.0"]

@@ -20,7 +20,7 @@ def test_shipped_model_matches_the_reference(tmp_path):
     import numpy as np
 
     import bitcompile
-    from bitcompile.checkpoint import load_checkpoint
+    from bitcompile.model.checkpoint import load_checkpoint
     from bitcompile.reference import ReferenceModel
 
     engine = bitcompile.load(bitcompile.compile(shipped_model(), output=tmp_path / "s.bitc", progress=False))

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from bitcompile import cross, targets
-from bitcompile.targets import TargetError, resolve_target
+from bitcompile.compiler import cross, targets
+from bitcompile.compiler.targets import TargetError, resolve_target
 
 ARM_PRESETS = ["rpi4", "rpi5", "rpi-armv7", "android-arm64"]
 

@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 import tvm
 
-from bitcompile import records, schedule_x86, ternary_ops, tune
+from bitcompile.compiler import records, tune
+from bitcompile.kernels import ternary, x86
 from bitcompile.reference import ReferenceModel
-from bitcompile.checkpoint import load_checkpoint
-from bitcompile.targets import host_target
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.compiler.targets import host_target
 
 TARGET = tvm.target.Target(host_target().tvm)
-needs_vnni = pytest.mark.skipif(not schedule_x86.has_vnni(TARGET), reason="the tunable template is the VNNI one; "
+needs_vnni = pytest.mark.skipif(not x86.has_vnni(TARGET), reason="the tunable template is the VNNI one; "
                                 "this CPU has no AVX-512 VNNI")
 
 
 def _task(tokens, n, k):
-    func = ternary_ops.ternary_matmul_func(tokens, n, k)
-    return tune.Task(func, schedule_x86.TERNARY_VNNI)
+    func = ternary.ternary_matmul_func(tokens, n, k)
+    return tune.Task(func, x86.TERNARY_VNNI)
 
 
 @needs_vnni
@@ -37,8 +38,8 @@ def test_every_knob_setting_is_exact(tokens):
 @needs_vnni
 def test_verify_catches_a_wrong_kernel(monkeypatch):
     task = _task(1, 64, 64)
-    broken = tune.Task(task.func, schedule_x86.Template(
-        lambda sch, **knobs: schedule_x86.schedule_ternary_matmul_vnni(sch, **knobs), task.template.space))
+    broken = tune.Task(task.func, x86.Template(
+        lambda sch, **knobs: x86.schedule_ternary_matmul_vnni(sch, **knobs), task.template.space))
     monkeypatch.setattr(tune, "pack_kernel", lambda t: np.zeros((t.shape[0] // 16, t.shape[1] // 16, 64), np.uint8))
     with pytest.raises(RuntimeError, match="wrong results"):
         tune.verify(broken, TARGET, {"row_blocks": 1, "k_unroll": 1})
@@ -46,11 +47,11 @@ def test_verify_catches_a_wrong_kernel(monkeypatch):
 
 def test_a_record_only_matches_its_own_kernel(tmp_path):
     store = records.RecordStore(tmp_path, TARGET)
-    mine, other_shape = ternary_ops.ternary_matmul_func(1, 64, 128), ternary_ops.ternary_matmul_func(1, 64, 256)
+    mine, other_shape = ternary.ternary_matmul_func(1, 64, 128), ternary.ternary_matmul_func(1, 64, 256)
     path = store.save(mine, {"row_blocks": 2, "k_unroll": 1}, {})
     assert store.lookup(mine) == {"row_blocks": 2, "k_unroll": 1}
     assert store.lookup(other_shape) is None
-    assert store.lookup(ternary_ops.ternary_matmul_func(None, 64, 128)) is None  # prefill, same n x k
+    assert store.lookup(ternary.ternary_matmul_func(None, 64, 128)) is None  # prefill, same n x k
     other_cpu = records.RecordStore(tmp_path, tvm.target.Target({**host_target().tvm, "mcpu": "haswell"}))
     assert other_cpu.lookup(mine) is None
     saved = json.loads(path.read_text())  # a record whose key was written for another template version

@@ -15,9 +15,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from . import ternary_ops
-from .attention_cpu import use_fast_cpu_attention
-from .attention_cuda import use_fast_cuda_attention
+from ..kernels import ternary
+from ..kernels.attention_cpu import use_fast_cpu_attention
+from ..kernels.attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
 from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
@@ -25,8 +25,8 @@ from .packing import BLOCK_COLS, BLOCK_ROWS
 
 def quantize(x: Tensor):
     """Per-token absmax int8: (x_q, 127 / max|x|, sum(x_q))."""
-    return op.tensor_expr_op(ternary_ops.quantize_activations, "quantize_activations", [x],
-                             attrs=ternary_ops.op_attrs("quantize_activations"))
+    return op.tensor_expr_op(ternary.quantize_activations, "quantize_activations", [x],
+                             attrs=ternary.op_attrs("quantize_activations"))
 
 
 class QuantizingRMSNorm(nn.Module):
@@ -39,9 +39,9 @@ class QuantizingRMSNorm(nn.Module):
 
     def forward(self, x: Tensor):
         *lead, k = x.shape
-        quantized = op.tensor_expr_op(ternary_ops.rms_norm_quantize, "rms_norm_quantize",
+        quantized = op.tensor_expr_op(ternary.rms_norm_quantize, "rms_norm_quantize",
                                       [op.reshape(x, (-1, k)), self.weight, self.eps],
-                                      attrs=ternary_ops.op_attrs("rms_norm_quantize"))
+                                      attrs=ternary.op_attrs("rms_norm_quantize"))
         return quantized, lead
 
 
@@ -60,9 +60,9 @@ class TernaryLinear(nn.Module):
         else:
             *lead, k = x.shape
             xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
-        y = op.tensor_expr_op(ternary_ops.ternary_matmul, "ternary_matmul",
+        y = op.tensor_expr_op(ternary.ternary_matmul, "ternary_matmul",
                               [xq, scale, xsum, self.weight, self.multiplier],
-                              attrs=ternary_ops.op_attrs("ternary_matmul"))
+                              attrs=ternary.op_attrs("ternary_matmul"))
         return op.reshape(y, (*lead, self.out_features))
 
 
@@ -79,14 +79,14 @@ class BF16Embedding(nn.Module):
 
     def forward(self, rows: Tensor) -> Tensor:
         b, s, h = rows.shape
-        x = op.tensor_expr_op(ternary_ops.embedding_bf16, "embedding", [op.reshape(rows, (-1, h))],
-                              attrs=ternary_ops.op_attrs("embedding"))
+        x = op.tensor_expr_op(ternary.embedding_bf16, "embedding", [op.reshape(rows, (-1, h))],
+                              attrs=ternary.op_attrs("embedding"))
         return op.reshape(x, (b, s, h))
 
     def lm_head(self, x: Tensor) -> Tensor:
         b, s, h = x.shape
-        logits = op.tensor_expr_op(ternary_ops.lm_head_bf16, "lm_head", [op.reshape(x, (-1, h)), self.weight],
-                                   attrs=ternary_ops.op_attrs("lm_head"))
+        logits = op.tensor_expr_op(ternary.lm_head_bf16, "lm_head", [op.reshape(x, (-1, h)), self.weight],
+                                   attrs=ternary.op_attrs("lm_head"))
         return op.reshape(logits, (b, s, -1))
 
 
@@ -110,17 +110,17 @@ class LMHead(nn.Module):
         x2 = op.reshape(x, (-1, h))
         if self.kind == "int8":
             xq, scale, xsum = quantize(x2)
-            logits = op.tensor_expr_op(ternary_ops.lm_head_int8, "lm_head_int8",
+            logits = op.tensor_expr_op(ternary.lm_head_int8, "lm_head_int8",
                                        [xq, scale, xsum, self.weight, self.scale],
-                                       attrs=ternary_ops.op_attrs("lm_head_int8"))
+                                       attrs=ternary.op_attrs("lm_head_int8"))
         elif self.kind == "q4":
             xq, scale, _ = quantize(x2)
-            logits = op.tensor_expr_op(ternary_ops.lm_head_q4, "lm_head_q4",
+            logits = op.tensor_expr_op(ternary.lm_head_q4, "lm_head_q4",
                                        [xq, scale, self.weight, self.scale, self.vocab_size],
-                                       attrs=ternary_ops.op_attrs("lm_head_q4"))
+                                       attrs=ternary.op_attrs("lm_head_q4"))
         else:
-            fn = ternary_ops.lm_head_bf16 if self.kind == "bf16" else ternary_ops.lm_head_f32
-            logits = op.tensor_expr_op(fn, "lm_head", [x2, self.weight], attrs=ternary_ops.op_attrs("lm_head"))
+            fn = ternary.lm_head_bf16 if self.kind == "bf16" else ternary.lm_head_f32
+            logits = op.tensor_expr_op(fn, "lm_head", [x2, self.weight], attrs=ternary.op_attrs("lm_head"))
         return op.reshape(logits, (b, s, -1))
 
 

@@ -1,6 +1,6 @@
 """Schedule rules: how each operator of the graph runs on a target family.
 
-The ternary operators (ternary_ops.py) are found by their `bitcompile.op` attribute; everything else
+The ternary operators (ternary.py) are found by their `bitcompile.op` attribute; everything else
 (norms, residual adds, activations) falls to dlight's generic CPU rules, then to a last-resort rule
 that parallelizes the outermost loop, so no operator is left as a serial loop nest.
 """
@@ -224,8 +224,8 @@ def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
     other targets use the portable schedule_ternary_matmul."""
     if _op_name(func) != "ternary_matmul":
         return None
-    from .schedule_arm import TERNARY_SDOT, has_dotprod
-    from .schedule_x86 import TERNARY_VNNI, has_vnni
+    from .arm import TERNARY_SDOT, has_dotprod
+    from .x86 import TERNARY_VNNI, has_vnni
 
     if has_vnni(target):
         return TERNARY_VNNI
@@ -257,11 +257,11 @@ class TernaryRules(ScheduleRule):
         elif name == "ternary_matmul":
             rule = schedule_ternary_matmul
         elif name == "lm_head_int8":
-            from .schedule_x86 import has_vnni, schedule_lm_head_int8_vnni
+            from .x86 import has_vnni, schedule_lm_head_int8_vnni
 
             rule = schedule_lm_head_int8_vnni if has_vnni(target) else schedule_lm_head_int8
         elif name == "lm_head_q4":
-            from .schedule_x86 import has_vnni, schedule_lm_head_q4_vnni
+            from .x86 import has_vnni, schedule_lm_head_q4_vnni
 
             rule = schedule_lm_head_q4_vnni if has_vnni(target) else schedule_lm_head_q4
         if rule is None:

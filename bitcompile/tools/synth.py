@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from .atomic import atomic_directory
-from .packing import pack_hf
+from ..atomic import atomic_directory
+from ..model.packing import pack_hf
 
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -90,8 +90,8 @@ def _linear_tensors(rng, name: str, shape: tuple[int, int], fmt: str) -> dict:
 
 
 def make_tensors(cfg: dict, fmt: str, seed: int, progress=None) -> dict[str, np.ndarray]:
-    from .checkpoint import ATTN_PROJ, linear_shapes
-    from .config import parse_config
+    from ..model.checkpoint import ATTN_PROJ, linear_shapes
+    from ..model.config import parse_config
 
     mc = parse_config(cfg)
     rng = np.random.default_rng(seed)

@@ -124,7 +124,7 @@ def gpu_worker(path: str, repeat: int, prompt: int, gen: int) -> dict:
 
     torch = import_torch()
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
-    from .runtime import Engine
+    from ..runtime.engine import Engine
 
     engine = Engine(path, context_length=max(prompt + gen + 16, 80))
     runs = [_time_engine(engine.prefill, engine.step, engine.config.vocab_size, prompt, gen) for _ in range(repeat)]

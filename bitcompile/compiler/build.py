@@ -12,17 +12,17 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
-from . import __version__
-from .artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
-from .atomic import atomic_directory
-from .checkpoint import load_checkpoint
+from .. import __version__
+from ..runtime.artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
+from ..atomic import atomic_directory
+from ..model.checkpoint import load_checkpoint
 from .cross import linker_for
-from .head import LARGE_VOCABULARY, check_head, default_head
-from .model import BitNetForCausalLM
-from .packing import KERNEL_LAYOUT
+from ..model.head import LARGE_VOCABULARY, check_head, default_head
+from ..model.bitnet import BitNetForCausalLM
+from ..model.packing import KERNEL_LAYOUT
 from .records import RecordStore
-from .repack import graph_params
-from .schedule import cpu_schedule_pass
+from ..model.repack import graph_params
+from ..kernels.schedule import cpu_schedule_pass
 from .targets import TargetSpec, resolve_target
 
 
@@ -45,7 +45,7 @@ def _backend(target: tvm.target.Target, records):
     if target.kind.name == "cuda":
         from tvm.relax.backend.cuda import pipeline
 
-        from .schedule_cuda import cuda_schedule_pass
+        from ..kernels.cuda import cuda_schedule_pass
 
         return pipeline, cuda_schedule_pass()
     from tvm.relax.backend.cpu_generic import pipeline
@@ -129,7 +129,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda *_: None)
 
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        from .config import load_config
+        from ..model.config import load_config
 
         layers = load_config(model_dir).num_hidden_layers
         with tqdm(total=layers, desc="load checkpoint", unit="layer", disable=not progress) as bar:

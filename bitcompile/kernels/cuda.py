@@ -32,11 +32,11 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.script import tirx as T
 
 from .schedule import _has_blocks, _op_name
-from .schedule_x86 import register_intrin
+from .x86 import register_intrin
 
 ROWS = 16  # output rows per CUDA block: the layout's row block
 K_THREADS = 8  # threads sharing one row's inputs (a power of two up to 32: their sum is a warp shuffle)
-TOKEN_TILE = 8  # prefill tokens per CUDA block (ternary_ops.M_TILE: prefill pads the tokens to it)
+TOKEN_TILE = 8  # prefill tokens per CUDA block (ternary.M_TILE: prefill pads the tokens to it)
 
 
 def _dp4a_intrin(x_scope: str):

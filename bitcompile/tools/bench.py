@@ -62,7 +62,7 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
     if engine == "bitcompile":
         os.environ["TVM_NUM_THREADS"] = str(threads)
         os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
-        from .runtime import Engine
+        from ..runtime.engine import Engine
 
         e = Engine(path, context_length=context)
         result = _time_engine(e.prefill, e.step, e.config.vocab_size, prompt, gen)
@@ -80,8 +80,8 @@ def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
     in rounds that alternate a pass of the kernel with a read-bandwidth pass, so each kernel pass is
     compared with the bandwidth of the same moment (a neighbour's burst on a shared machine moves
     both). Per kernel: median seconds per call, and the median of the per-round fractions."""
-    from .config import ModelConfig
-    from .tune import STREAM_BYTES, decode_gemv_kernels
+    from ..model.config import ModelConfig
+    from ..compiler.tune import STREAM_BYTES, decode_gemv_kernels
 
     data = np.ones(STREAM_BYTES // 2, dtype=np.float32)  # 256 MiB: far beyond L3, read in about as long as a pass
     rows = []
@@ -128,7 +128,7 @@ def _run_worker(engine: str, path: Path, threads: int, prompt: int, gen: int) ->
 
 def _in_subprocess(what: str, args: list[str], env: dict | None = None):
     """Run this module's __main__ with `args` in a fresh process; return the JSON it prints last."""
-    out = subprocess.run([sys.executable, "-m", "bitcompile.bench", *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} benchmark failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -168,9 +168,9 @@ def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, re
 
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
               json_out: Path | None, repeat: int = 3, say=print) -> dict:
-    from .artifact import read_manifest
-    from .cli import artifact_for, cache_dir
-    from .config import ModelConfig
+    from ..runtime.artifact import read_manifest
+    from ..cli import artifact_for, cache_dir
+    from ..model.config import ModelConfig
 
     artifact = artifact_for(model, "host", head=head)
     manifest = read_manifest(artifact)
@@ -217,7 +217,7 @@ def _run_gpu_bench(artifact: Path, manifest: dict, bytes_per_token: float, optio
     """An artifact for an NVIDIA GPU: one subprocess on GPU 0 (bench_gpu.py); its yardsticks are the
     GPU's copy bandwidth and torch bf16 (ONNX Runtime's CPU engine is no baseline for a GPU)."""
     from .bench_gpu import gpu_report, import_torch
-    from .targets import check_runnable
+    from ..compiler.targets import check_runnable
 
     import_torch()  # before TVM's CUDA runtime: torch's CUDA 13 wheels bring the libcudart it needs
     check_runnable(manifest["target"]["requires"], manifest["target"]["name"])  # else refuse, naming the fix
@@ -244,7 +244,7 @@ def _onnx_for(model: Path, artifact: Path, cache: Path, say) -> Path:
 
 
 def read_source(artifact: Path) -> str:
-    from .artifact import read_manifest
+    from ..runtime.artifact import read_manifest
 
     source = read_manifest(artifact).get("source")
     if not source or not (Path(source) / "config.json").is_file():

@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # the bitcompile package
 STAMP = ".bitcompile-sysroot"
 BINFMT = Path("/proc/sys/fs/binfmt_misc/qemu-aarch64")
 SETUP = ("apt-get install qemu-user-static binfmt-support debootstrap; mount -t binfmt_misc binfmt_misc "

@@ -100,7 +100,7 @@ def head_params(table_bf16: np.ndarray, kind: str) -> dict[str, np.ndarray]:
 
 def reference_head(table_bf16: np.ndarray, kind: str):
     """The head as the compiled model computes it, in numpy: hidden [S, H] -> logits [S, V]."""
-    from .reference import quantize_activations
+    from ..reference import quantize_activations
 
     if kind == "q4":
         q, gscale = quantize_q4_groups(table_bf16)

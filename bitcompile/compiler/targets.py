@@ -65,8 +65,8 @@ class TargetSpec:
 
 
 def _preset_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "targets", here / "targets"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package.parent / "targets", package / "targets"):
         if candidate.is_dir():
             return candidate
     raise TargetError("target descriptions (targets/*.json) are missing from this installation")

@@ -38,14 +38,14 @@ from tvm import s_tir, tirx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from . import ternary_ops
+from ..kernels import ternary
 from .build import build_graph
-from .config import load_config
+from ..model.config import load_config
 from .cross import linker_for
-from .head import check_head, default_head
-from .packing import pack_kernel
+from ..model.head import check_head, default_head
+from ..model.packing import pack_kernel
 from .records import RecordStore, key_digest, kernel_key
-from .schedule import tunable_template
+from ..kernels.schedule import tunable_template
 from .targets import resolve_target
 
 PREFILL_TOKENS = 128  # prefill kernels are measured at this many tokens (a typical prompt)
@@ -74,7 +74,7 @@ class Task:
         tokens, n, k = self.shape
         if tokens is not None:
             return self.func
-        return ternary_ops.ternary_matmul_func(PREFILL_TOKENS, n, k, pad_tokens=True)
+        return ternary.ternary_matmul_func(PREFILL_TOKENS, n, k, pad_tokens=True)
 
 
 def extract_tasks(model_dir, spec, head: str) -> list[Task]:
@@ -390,7 +390,7 @@ def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
     """Each decode ternary GEMV of the model built alone for this machine, scheduled as `compile`
     schedules it (its tuning record, else the default): [({kernel, weight_bytes, tuned}, pass)], where
     pass() times the kernel streaming its weights (streaming_pass). Threads: TVM_NUM_THREADS."""
-    from .schedule import TernaryRules
+    from ..kernels.schedule import TernaryRules
 
     target = tvm.target.Target(resolve_target("host").tvm)
     store = RecordStore(schedules, target)
@@ -399,7 +399,7 @@ def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
     kernels = []
     for n, k in config.fused_linear_shapes().values():
         hits = len(store.hits)
-        lib = _compile_scheduled(rules.apply(ternary_ops.ternary_matmul_func(1, n, k), target, False), target)
+        lib = _compile_scheduled(rules.apply(ternary.ternary_matmul_func(1, n, k), target, False), target)
         info = {"kernel": f"ternary_matmul decode {n}x{k}", "weight_bytes": n * k // 4, "tuned": len(store.hits) > hits}
         kernels.append((info, streaming_pass(lib, _kernel_args(1, n, k, rng)[:-1])))
     return kernels
@@ -432,7 +432,7 @@ def verify_record(path, target) -> str:
     key = record["key"]
     xq_dims, w_dims = key["args"][0].split("[")[1].rstrip("]").split(","), key["args"][3].split("[")[1].rstrip("]").split(",")
     tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
-    func = ternary_ops.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]))
+    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]))
     if kernel_key(func, target) != key:
         raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
     task = Task(func, tunable_template(func, target))

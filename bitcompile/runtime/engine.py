@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import LIBRARY, PARAMS, TOKENIZER, ArtifactError, read_manifest, read_params, verify_files
-from .config import ModelConfig
+from ..model.config import ModelConfig
 from .sampling import Sampler, SamplingParams
-from .targets import check_runnable
+from ..compiler.targets import check_runnable
 
 PAGE_SIZE = 16
 EMBEDDING = "embed_tokens.weight"

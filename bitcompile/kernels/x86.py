@@ -147,7 +147,7 @@ PREFILL_ROW_BLOCKS = 2
 
 
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4):
-    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary_ops) on VNNI.
+    """Decode (one token) or prefill (tokens padded to M_TILE: see ternary.py) on VNNI.
 
     Knobs (ints, or a tuner's sampled variables): `row_blocks` independent 16-row accumulators per task,
     `k_unroll` blocks of 16 inputs per unrolled step. `intrin`: any TensorIntrin with _dot_16x4_desc's
@@ -222,7 +222,7 @@ def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
 
 def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = VNNI_16x4):
     """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
-    from .ternary_ops import M_TILE
+    from .ternary import M_TILE
 
     acc, y, codes, pad = (sch.get_sblock(b) for b in ("acc", "y", "codes", "x_pad"))
     i, n, k = sch.get_loops(acc)

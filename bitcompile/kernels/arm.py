@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from .schedule import Template, _has_blocks
-from .schedule_x86 import _dot_16x4_desc, register_intrin, schedule_ternary_matmul_vnni, ternary_space
+from .x86 import _dot_16x4_desc, register_intrin, schedule_ternary_matmul_vnni, ternary_space
 
 SDOT_16x4 = "bitcompile_sdot_s8s8_16x4"
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .checkpoint import Checkpoint, load_checkpoint
+from ..model.checkpoint import Checkpoint, load_checkpoint
 
 F32 = np.float32
 MS = "com.microsoft"
@@ -226,7 +226,7 @@ def build_model(ckpt: Checkpoint, head: str = "int8") -> onnx.ModelProto:
                *[tensor(present, TensorProto.FLOAT, [1, n_kv, "total", d]) for _, present in kv_names]]
     graph = helper.make_graph(g.nodes, "bitnet_b158", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="bitcompile.onnx_export")
+                              producer_name=__name__)
     model.ir_version = 10
     model.metadata_props.extend([
         onnx.StringStringEntryProto(key="num_hidden_layers", value=str(cfg.num_hidden_layers)),

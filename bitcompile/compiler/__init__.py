@@ -1,0 +1,1 @@
+"""The compiler: targets and toolchains, the build pipeline, tuning and its records."""

@@ -1,0 +1,1 @@
+"""The kernels: ternary operators in TE, our attention kernels, and the schedule rules per target family."""

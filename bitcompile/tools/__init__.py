@@ -1,0 +1,1 @@
+"""Side tools: the benchmark, the ONNX Runtime baseline, synthetic checkpoints, qemu for aarch64."""
