@@ -8,7 +8,9 @@
 `load` needs only the TVM runtime, numpy and tokenizers; `compile` needs the TVM compiler.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "compile", "load"]
 
 
 def load(path, **kwargs):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from .model.head import HEAD_KINDS
+from .paths import shipped_model
 
 EXAMPLES = """\
 examples:
@@ -19,60 +19,6 @@ examples:
   bitcompile run tiny.bitc -p "Hello" -n 32 --temperature 0
   bitcompile info tiny.bitc
 """
-
-
-def shipped_model() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "models" / "shakespeare-tiny", here / "models" / "shakespeare-tiny"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError("the shipped model (models/shakespeare-tiny) is missing from this installation")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BITCOMPILE_CACHE", Path.home() / ".cache" / "bitcompile"))
-
-
-def _checkpoint_digest(model_dir: Path) -> str:
-    from .runtime.artifact import sha256_file
-
-    h = hashlib.sha256()
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and (path.suffix in (".json", ".safetensors")):
-            h.update(f"{path.name}:{sha256_file(path)}".encode())
-    return h.hexdigest()[:16]
-
-
-def _compiler_digest() -> str:
-    """Version plus a hash of the package's sources and tuning records: a cached artifact never
-    outlives the code that compiled it (schedules change between commits, not only between releases)."""
-    from . import __version__
-
-    from .compiler.records import schedules_dir
-
-    h = hashlib.sha256(__version__.encode())
-    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")) + sorted(schedules_dir().glob("*/*.json")):
-        h.update(path.read_bytes())
-    return f"{__version__}-{h.hexdigest()[:8]}"
-
-
-def artifact_for(model_or_artifact: Path, target: str, head: str | None = None) -> Path:
-    """An artifact path: given as one, or compiled from a checkpoint into the cache on first use."""
-    from .runtime.artifact import MANIFEST
-
-    if (model_or_artifact / MANIFEST).is_file():
-        return model_or_artifact
-    if not (model_or_artifact / "config.json").is_file():
-        raise FileNotFoundError(f"{model_or_artifact}: neither a bitcompile artifact (manifest.json) nor a "
-                                "Hugging Face checkpoint (config.json)")
-    digest = _checkpoint_digest(model_or_artifact)
-    out = cache_dir() / f"{model_or_artifact.name}-{digest}-{target}-{head or 'default'}-{_compiler_digest()}.bitc"
-    if not (out / MANIFEST).is_file():
-        from .compiler.build import compile_model
-
-        print(f"compiling {model_or_artifact} for {target} (first use; cached in {out})", file=sys.stderr)
-        compile_model(model_or_artifact, target=target, output=out, overwrite=True, head=head)
-    return out
 
 
 def cmd_compile(args):
@@ -96,6 +42,8 @@ def cmd_tune(args):
 
 
 def cmd_run(args):
+    from .compiler.cache import artifact_for
+
     source = Path(args.model) if args.model else shipped_model()
     artifact = artifact_for(source, args.target)
     if "tvm" not in sys.modules:

@@ -1,15 +1,18 @@
 """The BitNet b1.58 forward pass in numpy: the oracle every compiled result is tested against.
 
-Written from the paper/transformers semantics, independent of the TVM code. float32 throughout,
-integer ternary dot products, the same int8 rounding as the compiled kernels (round half to even).
+Written from the paper/transformers semantics, independent of the TVM code and of the code it checks
+(it imports neither: tests/test_layout.py). float32 throughout, integer ternary dot products, the same
+int8 rounding as the compiled kernels (round half to even). It reads a loaded checkpoint's arrays.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .model.checkpoint import Checkpoint
-from .model.head import reference_head
+if TYPE_CHECKING:
+    from .model.checkpoint import Checkpoint
 
 F32 = np.float32
 
@@ -55,14 +58,53 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.einsum("hst,thd->shd", probs, v).reshape(s, hq * d)
 
 
+def head_int8(table: np.ndarray):
+    """int8 head: rows quantized symmetric per row (max|row| / 127), the input per token; integer dot."""
+    w = table.astype(F32)
+    scale = np.maximum(np.abs(w).max(axis=1), F32(1e-30)) / F32(127)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int32)
+
+    def head(hidden):
+        xq, s = quantize_activations(hidden)
+        return (xq @ q.T).astype(F32) / s * scale
+
+    return head
+
+
+def head_q4(table: np.ndarray, group: int = 32):
+    """4-bit head: each group of 32 inputs of a row quantized symmetric (max|w| / 7, the scale stored
+    as f16); integer dot per group, then the groups' scaled sums."""
+    v, h = table.shape
+    w = table.astype(F32).reshape(v, h // group, group)
+    scale = (np.maximum(np.abs(w).max(axis=2), F32(1e-30)) / F32(7)).astype(np.float16).astype(F32)
+    q = np.clip(np.rint(w / scale[..., None]), -7, 7).astype(np.int32)
+
+    def head(hidden):
+        xq, s = quantize_activations(hidden)
+        per_group = np.einsum("vgt,sgt->svg", q, xq.reshape(len(xq), h // group, group))  # exact ints
+        return (per_group.astype(F32) * scale[None]).sum(axis=2, dtype=F32) / s
+
+    return head
+
+
+def output_head(table_bf16: np.ndarray, kind: str):
+    """The lm_head as the compiled model computes it: hidden [S, H] -> logits [S, V]."""
+    if kind == "int8":
+        return head_int8(table_bf16)
+    if kind == "q4":
+        return head_q4(table_bf16)
+    table = table_bf16.astype(F32)
+    return lambda hidden: hidden @ table.T
+
+
 class ReferenceModel:
     """Full-sequence forward: logits(ids) -> [len, vocab] float32."""
 
     def __init__(self, ckpt: Checkpoint, head: str = "bf16"):
-        """`head`: the lm_head option the compiled model uses (head.py); "bf16" is the checkpoint's own."""
+        """`head`: the lm_head option the compiled model uses (model/head.py); "bf16" is the checkpoint's own."""
         self.cfg = ckpt.config
         self.embed = ckpt.embed.astype(F32)
-        self.head = reference_head(ckpt.head, head)
+        self.head = output_head(ckpt.head, head)
         self.final_norm = ckpt.final_norm
         self.layers = [
             (layer, {name: (w.ternary(), w.multiplier) for name, w in layer.linears.items()})

@@ -118,7 +118,7 @@ def cmd_prepare(args):
     import tempfile
 
     import bitcompile
-    from bitcompile.cli import shipped_model
+    from bitcompile.paths import shipped_model
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +145,14 @@ def cmd_params(args):
     """Write params.bin of an artifact compiled from a synthetic checkpoint (`bitcompile synth`), from
     the same preset and seed: a 1.2 GB blob cannot travel to the GPU machine, its recipe can. The
     manifest's sha256 says whether the blob is the one compiled with."""
-    from bitcompile.runtime.artifact import PARAMS, read_manifest, sha256_file, write_params
     from bitcompile.model.checkpoint import load_checkpoint
     from bitcompile.model.repack import graph_params
+    from bitcompile.runtime.artifact import (
+        PARAMS,
+        read_manifest,
+        sha256_file,
+        write_params,
+    )
     from bitcompile.tools.synth import write_checkpoint
 
     art = Path(args.artifact)

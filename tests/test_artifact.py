@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 import bitcompile
-from bitcompile.runtime.artifact import ArtifactError
-from bitcompile.model.config import CheckpointError
 from bitcompile.compiler.targets import TargetError
+from bitcompile.model.config import CheckpointError
+from bitcompile.runtime.artifact import ArtifactError
 
 
 @pytest.fixture

@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 import tvm
 
-from bitcompile.kernels.attention_cpu import attention_decode_cpu, attention_prefill_paged_cpu, attention_prefill_ragged_cpu
 from bitcompile.compiler.targets import host_target
+from bitcompile.kernels.attention_cpu import (
+    attention_decode_cpu,
+    attention_prefill_paged_cpu,
+    attention_prefill_ragged_cpu,
+)
 
 HQ, HKV, D, PAGE = 4, 2, 32, 16
 SCALE = D**-0.5

@@ -2,9 +2,10 @@
 
 import json
 
-from bitcompile.tools.bench import kv_bytes_per_token, measure_bandwidth
 from bitcompile.cli import main
 from bitcompile.model.config import load_config
+from bitcompile.tools.bench import kv_bytes_per_token
+from bitcompile.tools.timing import measure_bandwidth
 
 
 def test_bench_reports_both_engines(checkpoints, tmp_path, monkeypatch, capsys):

@@ -9,10 +9,10 @@ import struct
 import subprocess
 
 import pytest
+from conftest import require
 
 import bitcompile
 from bitcompile.compiler.targets import TargetError, resolve_target
-from conftest import require
 
 EM_ARM, EM_AARCH64 = 40, 183
 PT_LOAD = 1

@@ -5,15 +5,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require
+from test_compiled_model import TOLERANCE
 
 import bitcompile
 from bitcompile.compiler import cross, cuda
+from bitcompile.compiler.targets import TargetError, resolve_target
 from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.reference import ReferenceModel
-from bitcompile.compiler.targets import TargetError, resolve_target
-
-from conftest import require
-from test_compiled_model import TOLERANCE
+from bitcompile.runtime.machine import device_present
 
 NO_GPU = "no CUDA device here: run on a GPU machine (pytest there, or scripts/cuda_device_check.py)"
 
@@ -50,7 +50,7 @@ def test_info_says_a_cuda_artifact_needs_the_gpu(cuda_build, capsys):
 
 
 def test_cuda_artifact_is_refused_without_a_gpu(cuda_build):
-    if cuda.device_present():
+    if device_present():
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(TargetError, match=r"compiled for target 'cuda-sm90' \(NVIDIA GPU, sm_90\).*"
                                           r"run it on a machine with an NVIDIA sm_90 GPU.*--target host"):
@@ -80,7 +80,7 @@ def test_dp4a_kernels_for_2b_shapes():
 
 @pytest.fixture(scope="session")
 def gpu_engine(cuda_build):
-    if not cuda.device_present():
+    if not device_present():
         pytest.skip(NO_GPU)
     return bitcompile.load(cuda_build("cuda-sm90"))
 
@@ -168,7 +168,7 @@ def test_cuda_builds_without_fast_math(monkeypatch):
 def test_bench_of_a_cuda_artifact_without_a_gpu_names_the_fix(cuda_build, capsys):
     from bitcompile.cli import main
 
-    if cuda.device_present():
+    if device_present():
         pytest.skip("this machine has a CUDA device")
     with pytest.raises(SystemExit):
         main(["bench", str(cuda_build("cuda-sm90"))])
@@ -201,7 +201,7 @@ def test_gpu_bench_report_relates_speed_to_the_copy_bandwidth(cuda_build):
 
 
 def test_gpu_bench_runs_on_the_gpu(cuda_build):
-    if not cuda.device_present():
+    if not device_present():
         pytest.skip(NO_GPU)
     from bitcompile.tools.bench import run_bench
 

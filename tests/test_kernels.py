@@ -7,9 +7,9 @@ import tvm
 from tvm import s_tir, te
 
 from bitcompile import reference
+from bitcompile.compiler.targets import host_target
 from bitcompile.kernels import schedule, ternary
 from bitcompile.model.packing import pack_kernel
-from bitcompile.compiler.targets import host_target
 
 TARGET = tvm.target.Target(host_target().tvm)
 
@@ -117,8 +117,8 @@ def test_vnni_decode_unpacks_with_16_bit_shifts():
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (3, 64)])
 def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
-    from bitcompile.model.head import block_int8_rows, padded_vocab, quantize_int8_rows
     from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_int8_vnni
+    from bitcompile.model.head import block_int8_rows, padded_vocab, quantize_int8_rows
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(v + m)
@@ -149,8 +149,8 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64)])
 def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
-    from bitcompile.model.head import block_q4, padded_vocab, quantize_q4_groups
     from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_q4_vnni
+    from bitcompile.model.head import block_q4, padded_vocab, quantize_q4_groups
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(v + m)

@@ -3,11 +3,17 @@
 import numpy as np
 import pytest
 
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.reference import ReferenceModel
 from bitcompile.tools import onnx_export, synth
 from bitcompile.tools.baseline_ort import OrtEngine
-from bitcompile.model.checkpoint import load_checkpoint
-from bitcompile.tools.onnx_export import block_size_for, export_onnx, pack_nbits, quantize_nbits, ternary_nbits
-from bitcompile.reference import ReferenceModel
+from bitcompile.tools.onnx_export import (
+    block_size_for,
+    export_onnx,
+    pack_nbits,
+    quantize_nbits,
+    ternary_nbits,
+)
 
 N_TOKENS = 24
 # "tiny" (hidden 64, ffn 128) has every K <= 128, so MatMulNBits' activation block is the whole row and

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from bitcompile.model.packing import pack_hf, pack_kernel, ternarize, unpack_hf, unpack_kernel
+from bitcompile.model.packing import (
+    pack_hf,
+    pack_kernel,
+    ternarize,
+    unpack_hf,
+    unpack_kernel,
+)
 
 
 def test_hf_unpack_follows_the_documented_bit_layout():

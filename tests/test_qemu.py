@@ -14,12 +14,12 @@ import sys
 
 import numpy as np
 import pytest
-
-from bitcompile.tools import qemu
-from bitcompile.model.checkpoint import load_checkpoint
-from bitcompile.reference import ReferenceModel
 from conftest import require
 from test_compiled_model import TOLERANCE
+
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.reference import ReferenceModel
+from bitcompile.tools import qemu
 
 pytestmark = pytest.mark.qemu
 

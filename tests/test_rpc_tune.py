@@ -12,10 +12,10 @@ import sys
 import time
 
 import pytest
+from conftest import require
 
 from bitcompile.compiler import records, tune
 from bitcompile.tools import qemu
-from conftest import require
 
 pytestmark = pytest.mark.qemu
 
@@ -64,8 +64,9 @@ def device():
 
 @pytest.mark.slow
 def test_tuning_over_rpc_writes_a_record_the_next_rpi5_compile_applies(device, checkpoints, tmp_path):
-    import bitcompile
     import tvm
+
+    import bitcompile
     from bitcompile.compiler.targets import resolve_target
 
     tracker, key = device

@@ -1,6 +1,7 @@
 """The README's main command on the shipped model."""
 
-from bitcompile.cli import main, shipped_model
+from bitcompile.cli import main
+from bitcompile.paths import shipped_model
 
 
 def test_shipped_model_generates_shakespeare_like_text(tmp_path, monkeypatch, capsys):

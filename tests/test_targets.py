@@ -8,6 +8,7 @@ import pytest
 
 from bitcompile.compiler import cross, targets
 from bitcompile.compiler.targets import TargetError, resolve_target
+from bitcompile.runtime import machine
 
 ARM_PRESETS = ["rpi4", "rpi5", "rpi-armv7", "android-arm64"]
 
@@ -90,13 +91,13 @@ def test_targets_command_lists_presets_and_what_they_need():
 ])
 def test_arm_features_come_from_the_auxiliary_vector(monkeypatch, hwcap, hwcap2, flags):
     """On ARM the gate reads AT_HWCAP/AT_HWCAP2 (what qemu-user and the kernel grant), not /proc/cpuinfo."""
-    monkeypatch.setattr(targets, "machine_arch", lambda: "aarch64")
-    monkeypatch.setattr(targets, "_auxval", lambda key: {targets.AT_HWCAP: hwcap, targets.AT_HWCAP2: hwcap2}[key])
-    assert targets.machine_cpu_flags() >= flags
+    monkeypatch.setattr(machine, "machine_arch", lambda: "aarch64")
+    monkeypatch.setattr(machine, "_auxval", lambda key: {machine.AT_HWCAP: hwcap, machine.AT_HWCAP2: hwcap2}[key])
+    assert machine.machine_cpu_flags() >= flags
     requires = resolve_target("rpi5").requires()
     if "asimddp" in flags:
-        targets.check_runnable(requires, "rpi5")
+        machine.check_runnable(requires, "rpi5")
     else:
         with pytest.raises(TargetError, match="'rpi5', which needs CPU features this machine lacks: asimddp"):
-            targets.check_runnable(requires, "rpi5")
+            machine.check_runnable(requires, "rpi5")
 

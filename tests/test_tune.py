@@ -8,10 +8,10 @@ import pytest
 import tvm
 
 from bitcompile.compiler import records, tune
-from bitcompile.kernels import ternary, x86
-from bitcompile.reference import ReferenceModel
-from bitcompile.model.checkpoint import load_checkpoint
 from bitcompile.compiler.targets import host_target
+from bitcompile.kernels import common, ternary, x86
+from bitcompile.model.checkpoint import load_checkpoint
+from bitcompile.reference import ReferenceModel
 
 TARGET = tvm.target.Target(host_target().tvm)
 needs_vnni = pytest.mark.skipif(not x86.has_vnni(TARGET), reason="the tunable template is the VNNI one; "
@@ -38,7 +38,7 @@ def test_every_knob_setting_is_exact(tokens):
 @needs_vnni
 def test_verify_catches_a_wrong_kernel(monkeypatch):
     task = _task(1, 64, 64)
-    broken = tune.Task(task.func, x86.Template(
+    broken = tune.Task(task.func, common.Template(
         lambda sch, **knobs: x86.schedule_ternary_matmul_vnni(sch, **knobs), task.template.space))
     monkeypatch.setattr(tune, "pack_kernel", lambda t: np.zeros((t.shape[0] // 16, t.shape[1] // 16, 64), np.uint8))
     with pytest.raises(RuntimeError, match="wrong results"):

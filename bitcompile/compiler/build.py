@@ -12,17 +12,17 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
-from .. import __version__
-from ..runtime.artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
 from ..atomic import atomic_directory
-from ..model.checkpoint import load_checkpoint
-from .cross import linker_for
-from ..model.head import LARGE_VOCABULARY, check_head, default_head
-from ..model.bitnet import BitNetForCausalLM
-from ..model.packing import KERNEL_LAYOUT
-from .records import RecordStore
-from ..model.repack import graph_params
 from ..kernels.schedule import cpu_schedule_pass
+from ..model.bitnet import BitNetForCausalLM
+from ..model.checkpoint import load_checkpoint
+from ..model.head import LARGE_VOCABULARY, check_head, default_head
+from ..model.packing import KERNEL_LAYOUT
+from ..model.repack import graph_params
+from ..runtime.artifact import LIBRARY, PARAMS, TOKENIZER, seal, write_params
+from ..version import __version__
+from .cross import linker_for
+from .records import RecordStore
 from .targets import TargetSpec, resolve_target
 
 
@@ -111,7 +111,7 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
                   schedules: str | Path | None = None, kv_cache: str | None = None) -> Path:
     """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path.
 
-    `head`: lm_head storage ("bf16", "int8", "q4", "f32"; see head.py); default int8 for large vocabularies.
+    `head`: lm_head storage ("bf16", "int8", "q4", "f32"; see model/head.py); default int8 for large vocabularies.
     `kv_cache`: "f32" or "f16" storage of the KV cache (default f16 for large vocabularies).
     `schedules`: folder of tuning records (default: the committed schedules/); kernels without a
     matching record get the default schedule."""

@@ -1,16 +1,12 @@
-"""CUDA targets: building GPU machine code without a GPU, and finding the GPU at run time.
+"""CUDA targets: building GPU machine code without a GPU (finding the GPU at run time: runtime/cuda.py).
 
-Build side. TVM turns the CUDA kernels into machine code (an nvcc fatbin with SASS for the target's
+TVM turns the CUDA kernels into machine code (an nvcc fatbin with SASS for the target's
 sm_XX) only when its CUDA runtime sidecar, tvm/lib/libtvm_runtime_cuda.so, is loaded; the sidecar
 needs libcuda.so.1, the driver. Without a driver it fails to load silently and the library would
 carry CUDA source instead (compiled on the GPU machine at load time, with a compiler it may lack).
 So on a machine without a driver we build a stand-in libcuda.so.1 (every symbol the sidecar imports,
 each returning CUDA_ERROR_NO_DEVICE), load it into this process, then the sidecar. nvcc compiles
 (TVM_CUDA_COMPILE_MODE=nvcc) inside `with target:` so it gets the target's arch.
-
-Run side (no compiler imported): `check_device` refuses, with the fix, a machine without a CUDA
-driver or without a GPU of the artifact's architecture; `load_runtime` loads the sidecar when the
-TVM runtime was imported alone (TVM_USE_RUNTIME_LIB=1 skips backend autoload).
 """
 
 from __future__ import annotations
@@ -23,7 +19,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from .targets import TargetError
+from ..paths import cache_dir
+from ..runtime.machine import CudaError, load_sidecar, sidecar_loaded
 
 # The driver API symbols libtvm_runtime_cuda.so imports (nm -D --undefined-only); 100 = CUDA_ERROR_NO_DEVICE.
 DRIVER_SYMBOLS = ("cuInit", "cuDriverGetVersion", "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName",
@@ -35,11 +32,6 @@ FATBIN_MAGIC = 0xBA55ED50
 EM_CUDA = 190
 
 
-class CudaError(TargetError):
-    """A CUDA build or run this machine cannot do; the message names the fix."""
-
-
-# -- build side -------------------------------------------------------------------------------------
 def missing_tools() -> list[str]:
     return [tool for tool in ("nvcc", "gcc") if shutil.which(tool) is None]
 
@@ -53,7 +45,7 @@ def check_build_tools(target_name: str):
 
 
 def _stub_dir() -> Path:
-    return Path(os.environ.get("BITCOMPILE_CACHE", Path.home() / ".cache" / "bitcompile")) / "cuda-driver-stub"
+    return cache_dir() / "cuda-driver-stub"
 
 
 def stub_driver() -> Path:
@@ -75,20 +67,6 @@ def stub_driver() -> Path:
     return library
 
 
-def _sidecar_loaded() -> bool:
-    from tvm.base import _LOADED_LIBS
-
-    return "tvm_runtime_cuda" in _LOADED_LIBS
-
-
-def _load_sidecar():
-    """Load tvm/lib/libtvm_runtime_cuda.so into this process (registers the CUDA module functions)."""
-    from tvm.base import _LOADED_LIBS
-
-    path = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
-    _LOADED_LIBS["tvm_runtime_cuda"] = ctypes.CDLL(str(path))
-
-
 def _driver_present() -> bool:
     try:
         ctypes.CDLL("libcuda.so.1")
@@ -99,11 +77,11 @@ def _driver_present() -> bool:
 
 def ensure_build_backend():
     """TVM's CUDA sidecar loaded in this process: with the real driver if there is one, else the stub."""
-    if _sidecar_loaded():
+    if sidecar_loaded():
         return
     if not _driver_present():
         ctypes.CDLL(str(stub_driver()), mode=ctypes.RTLD_GLOBAL)
-    _load_sidecar()
+    load_sidecar()
 
 
 @contextlib.contextmanager
@@ -156,48 +134,3 @@ def fatbin_entries(library: str | Path) -> list[dict]:
             pos += entry_header + entry_size
         start = data.find(struct.pack("<I", FATBIN_MAGIC), end)
     return entries
-
-
-# -- run side ---------------------------------------------------------------------------------------
-def load_runtime():
-    """The TVM runtime's CUDA support, in runtime-only mode too; CudaError when there is no driver."""
-    if _sidecar_loaded():
-        return
-    try:
-        _load_sidecar()
-    except OSError as e:
-        raise CudaError(f"TVM's CUDA runtime does not load here ({e}): it needs the NVIDIA driver (libcuda.so.1) "
-                        "and libcudart.so.13 (on a GPU machine: `import torch` first, or the CUDA 13 runtime "
-                        "on LD_LIBRARY_PATH)") from None
-
-
-def device_present() -> bool:
-    """Whether this process can use a CUDA GPU (driver, TVM's CUDA runtime, device 0)."""
-    try:
-        load_runtime()
-    except CudaError:
-        return False
-    import tvm
-
-    return bool(tvm.cuda(0).exist)
-
-
-def check_device(cuda_arch: str, target_name: str):
-    """Raise CudaError unless GPU 0 runs code compiled for `cuda_arch` (SASS: same major, minor >= ours)."""
-    fix = (f"run it on a machine with an NVIDIA {cuda_arch} GPU, or compile the model for this machine with "
-           "`bitcompile compile MODEL --target host`")
-    try:
-        load_runtime()
-    except CudaError as e:
-        raise CudaError(f"this artifact was compiled for target '{target_name}' (NVIDIA GPU, {cuda_arch}), "
-                        f"but {e}; {fix}") from None
-    import tvm
-
-    device = tvm.cuda(0)
-    if not device.exist:
-        raise CudaError(f"this artifact was compiled for target '{target_name}' (NVIDIA GPU, {cuda_arch}), but this "
-                        f"machine has no CUDA device; {fix}")
-    have, want = device.compute_version.split("."), (cuda_arch[3:-1], cuda_arch[-1])
-    if have[0] != want[0] or int(have[1]) < int(want[1]):
-        raise CudaError(f"this artifact holds machine code for {cuda_arch}, but GPU 0 ({device.device_name}) is "
-                        f"sm_{''.join(have)}; compile for its architecture (a cuda-sm{''.join(have)} target)")

@@ -17,6 +17,7 @@ from tvm import tirx
 
 from ..atomic import atomic_write_text
 from ..model.packing import KERNEL_LAYOUT
+from ..paths import data_dir
 
 # Bump when a template's knobs change meaning: old records then stop matching instead of misleading.
 # 2: x86 decode unpacks inside its intrinsic (16-bit shifts), so the best knobs moved
@@ -27,11 +28,7 @@ ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "neon", 
 
 def schedules_dir() -> Path:
     """The committed records: schedules/ beside the package (checkout) or bitcompile/schedules (installed)."""
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package.parent / "schedules", package / "schedules"):
-        if candidate.is_dir():
-            return candidate
-    return package.parent / "schedules"
+    return data_dir("schedules")
 
 
 def isa_features(target) -> list[str]:

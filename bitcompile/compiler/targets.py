@@ -2,19 +2,20 @@
 
 Presets are data in targets/*.json (TVM target, machine, CPU features, toolchain to link with, device
 facts); "host" is this machine, read from LLVM; a plain triple borrows the toolchain of the preset with
-that triple. Toolchains are cross.py's business. The runtime checks an artifact's `requires` against
+that triple. Toolchains are cross.py's business; runtime/machine.py checks an artifact's `requires` against
 the machine it runs on (no compiler needed: /proc/cpuinfo, or AT_HWCAP on ARM).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import platform
-import struct
 from pathlib import Path
+
+from ..paths import data_dir
+from ..runtime.machine import TargetError
 
 # LLVM feature name -> the flag Linux prints in /proc/cpuinfo, for the ISA extensions code may use.
 X86_FEATURE_FLAGS = {
@@ -33,21 +34,6 @@ X86_FEATURE_FLAGS = {
 AARCH64_FEATURE_FLAGS = {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "fullfp16": "asimdhp",
                          "sve": "sve", "bf16": "bf16"}
 ARM32_FEATURE_FLAGS = {"neon": "neon", "vfp4": "vfpv4", "d32": "vfpd32"}
-# Bit positions of those names in the kernel's AT_HWCAP / AT_HWCAP2 (asm/hwcap.h). The auxiliary
-# vector is what the kernel, or qemu-user, says this process may use; under qemu-user /proc/cpuinfo
-# describes the host CPU instead.
-AARCH64_HWCAP = {"fp": 0, "asimd": 1, "aes": 3, "pmull": 4, "sha1": 5, "sha2": 6, "crc32": 7, "atomics": 8,
-                 "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22, "asimdfhm": 23}
-AARCH64_HWCAP2 = {"sve2": 1, "i8mm": 13, "bf16": 14}
-ARM32_HWCAP = {"half": 1, "thumb": 2, "fastmult": 4, "vfp": 6, "edsp": 7, "neon": 12, "vfpv3": 13, "tls": 15,
-               "vfpv4": 16, "idiva": 17, "idivt": 18, "vfpd32": 19, "lpae": 20}
-AT_HWCAP, AT_HWCAP2 = 16, 26
-
-
-class TargetError(ValueError):
-    """Unknown target name, a target this installation cannot build, or an artifact that cannot run here."""
-
-
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
     name: str
@@ -65,11 +51,10 @@ class TargetSpec:
 
 
 def _preset_dir() -> Path:
-    package = Path(__file__).resolve().parent.parent
-    for candidate in (package.parent / "targets", package / "targets"):
-        if candidate.is_dir():
-            return candidate
-    raise TargetError("target descriptions (targets/*.json) are missing from this installation")
+    presets = data_dir("targets")
+    if not presets.is_dir():
+        raise TargetError("target descriptions (targets/*.json) are missing from this installation")
+    return presets
 
 
 def preset_names() -> list[str]:
@@ -154,69 +139,3 @@ def _required_flags(spec: TargetSpec) -> tuple[str, ...]:
     table = AARCH64_FEATURE_FLAGS if spec.arch == "aarch64" else ARM32_FEATURE_FLAGS
     enabled = set(map(str, codegen.llvm_get_cpu_features(Target(spec.tvm))))
     return tuple(sorted(set(spec.cpu_features) | {flag for f, flag in table.items() if f in enabled}))
-
-
-def machine_arch() -> str:
-    """platform.machine(), except that a 32-bit ARM userland says armv7l (on a 64-bit kernel too)."""
-    machine = platform.machine()
-    if machine in ("aarch64", "arm64", "armv8l") and struct.calcsize("P") == 4:
-        return "armv7l"
-    return machine
-
-
-def _auxval(key: int) -> int:
-    """getauxval(key) from libc; 0 where unknown."""
-    try:
-        getauxval = ctypes.CDLL(None).getauxval
-    except (OSError, AttributeError):
-        return 0
-    getauxval.restype = ctypes.c_ulong
-    getauxval.argtypes = [ctypes.c_ulong]
-    return getauxval(key)
-
-
-def _hwcap_flags() -> set[str]:
-    """ARM: the feature names set in this process's AT_HWCAP/AT_HWCAP2."""
-    tables = ([(AT_HWCAP, AARCH64_HWCAP), (AT_HWCAP2, AARCH64_HWCAP2)] if machine_arch() == "aarch64"
-              else [(AT_HWCAP, ARM32_HWCAP)])
-    return {name for key, bits in tables for name, bit in bits.items() if _auxval(key) >> bit & 1}
-
-
-def _cpuinfo_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def machine_cpu_flags() -> set[str]:
-    """CPU features of this machine as Linux names them. ARM: the auxiliary vector first (right under
-    qemu-user too), /proc/cpuinfo where it says nothing."""
-    if machine_arch().startswith(("aarch64", "arm")):
-        return _hwcap_flags() or _cpuinfo_flags()
-    return _cpuinfo_flags()
-
-
-def check_runnable(requires: dict, target_name: str):
-    """Raise TargetError unless this machine can run code built with `requires`."""
-    arch = machine_arch()
-    if requires.get("arch") != arch:
-        raise TargetError(
-            f"this artifact was compiled for target '{target_name}' ({requires.get('arch')}), "
-            f"but this machine is {arch}; compile the model for this machine with `bitcompile compile MODEL --target host`"
-        )
-    if requires.get("device") == "cuda":
-        from .cuda import check_device
-
-        check_device(requires["cuda_arch"], target_name)
-    missing = sorted(set(requires.get("cpu_features", [])) - machine_cpu_flags())
-    if missing:
-        raise TargetError(
-            f"this artifact was compiled for target '{target_name}', which needs CPU features this machine lacks: "
-            f"{', '.join(missing)}; compile it for this machine with `bitcompile compile MODEL --target host`"
-        )

@@ -39,13 +39,13 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from ..kernels import ternary
-from .build import build_graph
+from ..kernels.schedule import tunable_template
 from ..model.config import load_config
-from .cross import linker_for
 from ..model.head import check_head, default_head
 from ..model.packing import pack_kernel
-from .records import RecordStore, key_digest, kernel_key
-from ..kernels.schedule import tunable_template
+from .build import build_graph
+from .cross import linker_for
+from .records import RecordStore, kernel_key, key_digest
 from .targets import resolve_target
 
 PREFILL_TOKENS = 128  # prefill kernels are measured at this many tokens (a typical prompt)

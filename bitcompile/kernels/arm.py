@@ -21,8 +21,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .schedule import Template, _has_blocks
-from .x86 import _dot_16x4_desc, register_intrin, schedule_ternary_matmul_vnni, ternary_space
+from .common import Template, has_blocks, register_intrin
+from .x86 import _dot_16x4_desc, schedule_ternary_matmul_vnni, ternary_space
 
 SDOT_16x4 = "bitcompile_sdot_s8s8_16x4"
 
@@ -63,7 +63,7 @@ PREFILL_ROW_BLOCKS = 1
 
 def schedule_ternary_matmul_sdot(sch: s_tir.Schedule, row_blocks=None, k_unroll=1):
     if row_blocks is None:
-        row_blocks = PREFILL_ROW_BLOCKS if _has_blocks(sch, "x_pad") else DECODE_ROW_BLOCKS
+        row_blocks = PREFILL_ROW_BLOCKS if has_blocks(sch, "x_pad") else DECODE_ROW_BLOCKS
     schedule_ternary_matmul_vnni(sch, row_blocks, k_unroll, intrin=SDOT_16x4)
 
 

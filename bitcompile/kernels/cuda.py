@@ -31,8 +31,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.script import tirx as T
 
-from .schedule import _has_blocks, _op_name
-from .x86 import register_intrin
+from .common import extent, has_blocks, op_name, register_intrin
 
 ROWS = 16  # output rows per CUDA block: the layout's row block
 K_THREADS = 8  # threads sharing one row's inputs (a power of two up to 32: their sum is a warp shuffle)
@@ -73,11 +72,6 @@ DP4A_SHARED_X = _dp4a_intrin("shared")
 DP4A_GLOBAL_X = _dp4a_intrin("global")
 
 
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
 def rows_by_input_slices(sch: s_tir.Schedule, block, epilogue, tokens: int = 1, k_inner=()):
     """The GEMV/GEMM nest above for a reduction block with loops (token, row, input): returns the
     per-thread partial-sum block and its loops (ko, *k_inner, token-in-tile) from the input loop down.
@@ -108,7 +102,7 @@ def rows_by_input_slices(sch: s_tir.Schedule, block, epilogue, tokens: int = 1, 
 
 def _input_slices(sch: s_tir.Schedule, k, k_inner) -> int:
     """K_THREADS, halved until it divides the input steps (a remainder would predicate the dp4a)."""
-    steps, threads = _extent(sch, k) // math.prod(k_inner), K_THREADS
+    steps, threads = extent(sch, k) // math.prod(k_inner), K_THREADS
     while steps % threads:
         threads //= 2
     return threads
@@ -224,7 +218,7 @@ def _gemv_shape(func: tirx.PrimFunc) -> tuple[int, int] | None:
 
 def schedule_ternary_matmul(sch: s_tir.Schedule):
     acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
-    prefill = _has_blocks(sch, "x_pad")
+    prefill = has_blocks(sch, "x_pad")
     if prefill:  # padded activations in global memory (a 8 x K tile would not fit shared memory)
         _threads_over(sch, sch.get_sblock("x_pad"))
     partial, (ko, plane, token, kk) = rows_by_input_slices(sch, acc, y, TOKEN_TILE if prefill else 1, k_inner=(4, 4))
@@ -283,7 +277,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule, threads: int = 256):
     k = sch.get(sch.get_loops(sch.get_sblock("x_q"))[-1]).extent
     while int(k) % threads:
         threads //= 2
-    norm = _has_blocks(sch, "sum_sq")
+    norm = has_blocks(sch, "sum_sq")
     if norm:
         sch.compute_inline(sch.get_sblock("normed"))
     reductions = [sch.get_sblock(name) for name in (["sum_sq"] if norm else []) + ["amax", "x_sum"]]
@@ -325,7 +319,7 @@ class CudaRules(ScheduleRule):
              "rms_norm_quantize": schedule_quantize_activations, "lm_head_int8": schedule_lm_head_int8}
 
     def apply(self, func, target, tunable):
-        rule = self.rules.get(_op_name(func)) if isinstance(func, tirx.PrimFunc) else None
+        rule = self.rules.get(op_name(func)) if isinstance(func, tirx.PrimFunc) else None
         if rule is None:
             return None
         if rule is schedule_ternary_matmul and (shape := _gemv_shape(func)) is not None:

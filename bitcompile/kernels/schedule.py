@@ -7,38 +7,14 @@ that parallelizes the outermost loop, so no operator is left as a serial loop ne
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable
 
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 
-
-def _op_name(func: tirx.PrimFunc) -> str | None:
-    attrs = func.attrs
-    return str(attrs["bitcompile.op"]) if attrs is not None and "bitcompile.op" in attrs else None
-
-
-def _extent(sch: s_tir.Schedule, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext) if isinstance(ext, tirx.IntImm) else None
-
-
-def vectorize_lanes(sch: s_tir.Schedule, loop, lanes: int = 16):
-    """Split `loop` into lanes-wide vectors and vectorize them (all our extents are multiples of 16)."""
-    sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
-
-
-def scale_logits(sch: s_tir.Schedule, out):
-    """The heads' last step (integer sums -> scaled logits): 16-wide vectors over the vocabulary,
-    vector chunks in parallel."""
-    _, vocab = sch.get_loops(out)
-    chunks, lanes = sch.split(vocab, factors=[None, 16])
-    sch.parallel(chunks)
-    sch.vectorize(lanes)
+from .common import Template, extent, has_blocks, op_name, scale_logits, vectorize_lanes
 
 
 def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
@@ -70,7 +46,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule):
     squares (16 lanes) comes first in each token's pass, and the normalized value is recomputed
     where the quantization reads it."""
     norm = []
-    if _has_blocks(sch, "sum_sq"):
+    if has_blocks(sch, "sum_sq"):
         sch.compute_inline(sch.get_sblock("normed"))
         norm = [_lane_partials(sch, "sum_sq"), sch.get_sblock("sum_sq"), sch.get_sblock("inv_rms")]
     amax_partials, sum_partials = _lane_partials(sch, "amax"), _lane_partials(sch, "x_sum")
@@ -78,7 +54,7 @@ def schedule_quantize_activations(sch: s_tir.Schedule):
     for block in norm[1:] + ([amax_partials] if norm else []) + [sch.get_sblock(n) for n in ("amax", "act_scale", "x_q")]:
         sch.reverse_compute_at(block, token, preserve_unit_loops=True)
     vectorize_lanes(sch, sch.get_loops(sch.get_sblock("x_q"))[-1])
-    if _extent(sch, token) != 1:
+    if extent(sch, token) != 1:
         for loop in (token, sch.get_loops(sum_partials)[0], sch.get_loops(sch.get_sblock("x_sum"))[0]):
             sch.parallel(loop)
     for partials in norm[:1] + [amax_partials, sum_partials]:
@@ -92,7 +68,7 @@ def schedule_ternary_matmul(sch: s_tir.Schedule):
     """Blocks of 16 output rows in parallel, the 16 rows of a block vectorized (the layout's row block)."""
     acc, y = sch.get_sblock("acc"), sch.get_sblock("y")
     sch.compute_inline(sch.get_sblock("codes"))
-    if _has_blocks(sch, "x_pad"):
+    if has_blocks(sch, "x_pad"):
         sch.compute_inline(sch.get_sblock("x_pad"))
     i, j, k = sch.get_loops(acc)
     jo, ji = sch.split(j, factors=[None, 16])
@@ -145,7 +121,7 @@ def schedule_rms_norm(sch: s_tir.Schedule):
     *rows, h = sch.get_loops(out)
     row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
     sch.compute_at(sch.get_sblock("rsqrt"), row, preserve_unit_loops=True)
-    if _extent(sch, row) != 1:
+    if extent(sch, row) != 1:
         sch.parallel(row)
         sch.parallel(sch.fuse(*p_rows) if len(p_rows) > 1 else p_rows[0])
     vectorize_lanes(sch, h)
@@ -153,17 +129,8 @@ def schedule_rms_norm(sch: s_tir.Schedule):
     sch.decompose_reduction(partials, p_k)
 
 
-def _has_blocks(sch: s_tir.Schedule, *names: str) -> bool:
-    try:
-        for name in names:
-            sch.get_sblock(name)
-        return True
-    except Exception:  # the schedule raises a generic FFI error for an unknown block name
-        return False
-
-
 def _is_rms_norm(sch: s_tir.Schedule) -> bool:
-    return _has_blocks(sch, "T_multiply_red", "rsqrt", "T_rms_norm", "T_cast_1", "T_cast", "T_multiply")
+    return has_blocks(sch, "T_multiply_red", "rsqrt", "T_rms_norm", "T_cast_1", "T_cast", "T_multiply")
 
 
 class RMSNormRule(ScheduleRule):
@@ -209,20 +176,10 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
     scale_logits(sch, out)
 
 
-@dataclasses.dataclass(frozen=True)
-class Template:
-    """A schedule template with knobs: apply(sch, **knobs) schedules a kernel (missing knobs take the
-    template's measured defaults); space(sch) names each knob's candidate values for this kernel.
-    bitcompile tune searches the space; the records it writes supply the knobs at compile time."""
-
-    apply: Callable
-    space: Callable[[s_tir.Schedule], dict]
-
-
 def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
     """The ternary matmul's template for targets with a dot-product instruction (VNNI, sdot);
     other targets use the portable schedule_ternary_matmul."""
-    if _op_name(func) != "ternary_matmul":
+    if op_name(func) != "ternary_matmul":
         return None
     from .arm import TERNARY_SDOT, has_dotprod
     from .x86 import TERNARY_VNNI, has_vnni
@@ -248,7 +205,7 @@ class TernaryRules(ScheduleRule):
         self.records = records
 
     def apply(self, func, target, tunable):
-        name = _op_name(func) if isinstance(func, tirx.PrimFunc) else None
+        name = op_name(func) if isinstance(func, tirx.PrimFunc) else None
         rule = self.rules.get(name)
         template = tunable_template(func, target) if name else None
         if template is not None:
@@ -279,11 +236,11 @@ class ParallelOuterLoop(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         changed = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_blocks(sch, "root") else []:
+        for block in sch.get_child_blocks(sch.get_sblock("root")) if has_blocks(sch, "root") else []:
             loops = sch.get_loops(block)
             if loops and sch.get(block).iter_vars and sch.get(block).iter_vars[0].iter_type == tirx.IterVar.DataPar:
-                extent = _extent(sch, loops[0])
-                if extent is None or extent > 1:
+                outer = extent(sch, loops[0])
+                if outer is None or outer > 1:
                     try:
                         sch.parallel(loops[0])
                         changed = True

@@ -5,7 +5,7 @@ rms_norm_quantize:   (x f32 [M, K], weight f32 [K]) -> quantize_activations(rms_
 ternary_matmul:      (x_q, s, sum, W packed b16x16 [N/16, K/16, 64], multiplier f32 [N]) -> y f32 [M, N]
                      y = (sum_k code * x_q - sum(x_q)) / s * multiplier, code = t + 1 in {0, 1, 2}
 bf16 table ops:      embedding lookup and the tied lm_head on a bf16 table kept as uint16 bits.
-lm_head variants:    f32 and bf16 tables (float), int8 rows x int8 activations (integer); see head.py.
+lm_head variants:    f32 and bf16 tables (float), int8 rows x int8 activations (integer); see model/head.py.
 
 Every function carries the attribute `bitcompile.op` so schedule rules find it by name, and
 op_pattern = opaque so operator fusion leaves its block structure alone.
@@ -116,7 +116,7 @@ def lm_head_f32(x: te.Tensor, table: te.Tensor):
 def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, row_scale: te.Tensor):
     """Integer head: logits = (sum_h (q + 128) x_q - 128 sum(x_q)) / s * row_scale.
 
-    w: uint8 [Vp/16, H/4, 64] (head.py layout), row_scale: f32 [V] (V <= Vp)."""
+    w: uint8 [Vp/16, H/4, 64] (model/head.py layout), row_scale: f32 [V] (V <= Vp)."""
     m, h = xq.shape
     vocab = row_scale.shape[0]
     rh = te.reduce_axis((0, h), name="h")
@@ -139,7 +139,7 @@ Q4_GROUP = 32  # inputs per scale in the 4-bit head
 def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Tensor, vocab: int):
     """4-bit head, groups of 32 inputs per scale: logits = sum_g gs[v, g] * sum_t (code - 8) x_q / s.
 
-    w: uint8 [Vp/16, H/8, 64] (head.py q4 layout: two nibble planes of 16 rows x 4 inputs),
+    w: uint8 [Vp/16, H/8, 64] (model/head.py q4 layout: two nibble planes of 16 rows x 4 inputs),
     group_scale: f16 [Vp/16, H/32, 16]."""
     m, h = xq.shape
     groups = h // Q4_GROUP

@@ -23,11 +23,10 @@ VNNI_16x4 per plane and token; the unpacking is a small part of its work.
 from __future__ import annotations
 
 from tvm import s_tir
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .schedule import Template, _has_blocks, scale_logits, vectorize_lanes
+from .common import Template, has_blocks, register_intrin, scale_logits, vectorize_lanes
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -113,14 +112,6 @@ def _planes_16x16_vnni(
             acc, a, b, 0), a, b, 1), a, b, 2), a, b, 3)
 
 
-def register_intrin(name: str, desc, impl):
-    """Register a TensorIntrin once (a module imported twice must not register it again)."""
-    try:
-        TensorIntrin.get(name)
-    except (ValueError, Exception):  # not registered yet
-        TensorIntrin.register(name, desc, impl)
-
-
 register_intrin(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
 register_intrin(VNNI_PLANES_16x16, _planes_16x16_desc, _planes_16x16_vnni)
 
@@ -141,7 +132,7 @@ def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
 
 # Measured on Zen 4, 2 threads (2B-shape matrices): decode streams weights best with 8 independent
 # accumulators per task; prefill (tiles of 8 tokens) with 2 row blocks, i.e. 16 accumulators, all in
-# registers (8 x 4 spilled to L1 and ran at 2/3 of the speed). Tuning records (tune.py) override these.
+# registers (8 x 4 spilled to L1 and ran at 2/3 of the speed). Tuning records (compiler/tune.py) override these.
 DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2
 
@@ -153,7 +144,7 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=
     `k_unroll` blocks of 16 inputs per unrolled step. `intrin`: any TensorIntrin with _dot_16x4_desc's
     description (schedule_arm's sdot uses this nest)."""
     acc = sch.get_sblock("acc")
-    prefill = _has_blocks(sch, "x_pad")
+    prefill = has_blocks(sch, "x_pad")
     if row_blocks is None:
         preferred = PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS
         row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
@@ -205,7 +196,7 @@ def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 
     def space(sch: s_tir.Schedule) -> dict:
         _, n, k = sch.get_loops(sch.get_sblock("acc"))
         row_blocks, k_blocks = int(sch.get(n).extent) // 16, int(sch.get(k).extent) // 16
-        prefill = _has_blocks(sch, "x_pad")
+        prefill = has_blocks(sch, "x_pad")
         return {
             "row_blocks": [d for d in (prefill_row_blocks if prefill else decode_row_blocks) if row_blocks % d == 0],
             "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],

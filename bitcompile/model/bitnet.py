@@ -91,7 +91,7 @@ class BF16Embedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """A separate output head: int8 rows + per-row scale, bf16 (untied models) or f32 (see head.py)."""
+    """A separate output head: int8 rows + per-row scale, bf16 (untied models) or f32 (see model/head.py)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, kind: str):
         self.kind = kind

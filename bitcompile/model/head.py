@@ -96,33 +96,3 @@ def head_params(table_bf16: np.ndarray, kind: str) -> dict[str, np.ndarray]:
     if kind == "f32":
         return {"lm_head.weight": table_bf16.astype(np.float32)}
     return {"lm_head.weight": table_bf16.view(np.uint16)}
-
-
-def reference_head(table_bf16: np.ndarray, kind: str):
-    """The head as the compiled model computes it, in numpy: hidden [S, H] -> logits [S, V]."""
-    from ..reference import quantize_activations
-
-    if kind == "q4":
-        q, gscale = quantize_q4_groups(table_bf16)
-        v, h = q.shape
-        qg = q.reshape(v, h // 32, 32).astype(np.int32)
-        gs = gscale.astype(np.float32)
-
-        def head_q4(hidden):
-            xq, s = quantize_activations(hidden)
-            per_group = np.einsum("vgt,sgt->svg", qg, xq.reshape(len(xq), h // 32, 32))  # exact ints
-            return (per_group.astype(np.float32) * gs[None]).sum(axis=2, dtype=np.float32) / s
-
-        return head_q4
-    if kind != "int8":
-        table = table_bf16.astype(np.float32)
-        return lambda hidden: hidden @ table.T
-
-    q, scale = quantize_int8_rows(table_bf16)
-    q32 = q.astype(np.int32)
-
-    def head(hidden):
-        xq, s = quantize_activations(hidden)
-        return (xq @ q32.T).astype(np.float32) / s * scale
-
-    return head

@@ -14,10 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import LIBRARY, PARAMS, TOKENIZER, ArtifactError, read_manifest, read_params, verify_files
 from ..model.config import ModelConfig
+from .artifact import (
+    LIBRARY,
+    PARAMS,
+    TOKENIZER,
+    ArtifactError,
+    read_manifest,
+    read_params,
+    verify_files,
+)
+from .machine import check_runnable
 from .sampling import Sampler, SamplingParams
-from ..compiler.targets import check_runnable
 
 PAGE_SIZE = 16
 EMBEDDING = "embed_tokens.weight"
@@ -99,7 +107,7 @@ class Engine:
 
     def _embedding_rows(self, ids: Sequence[int]) -> np.ndarray:
         """The tokens' rows of the embedding table (bf16 bits [1, len, hidden]), read from the parameter
-        file: mapping the table instead would fault in 64 KB around each row (see model.BF16Embedding)."""
+        file: mapping the table instead would fault in 64 KB around each row (see model/bitnet.py: BF16Embedding)."""
         hidden = self._table["shape"][1]
         rows = np.empty((1, len(ids), hidden), np.uint16)
         for row, token in zip(rows[0], ids):

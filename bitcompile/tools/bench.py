@@ -11,49 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-BANDWIDTH_BYTES = 1 << 30
-
-
-def measure_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Read bandwidth in GB/s: `threads` threads summing disjoint parts of a 1 GiB array (numpy
-    releases the GIL in reductions); the median of `repeats` passes (a shared machine has outliers
-    both ways)."""
-    data = np.ones(BANDWIDTH_BYTES // 4, dtype=np.float32)
-    with ThreadPoolExecutor(threads) as pool:
-        return float(np.median([_read_pass(pool, data, threads) for _ in range(repeats)]))
-
-
-def _read_pass(pool, data: np.ndarray, threads: int) -> float:
-    """GB/s of one pass of `threads` threads summing disjoint parts of `data`."""
-    start = time.perf_counter()
-    list(pool.map(np.sum, np.array_split(data, threads)))
-    return data.nbytes / (time.perf_counter() - start) / 1e9
-
-
-def prompt_ids(vocab_size: int, n: int) -> list[int]:
-    return np.random.default_rng(0).integers(0, min(vocab_size, 30000), n).tolist()
-
-
-def _time_engine(prefill, decode, vocab_size: int, prompt: int, gen: int) -> dict:
-    prefill(prompt_ids(vocab_size, 8))  # warm up: first calls allocate
-    decode(1)
-    ids = prompt_ids(vocab_size, prompt)
-    start = time.perf_counter()
-    logits = prefill(ids)
-    prefill_s = time.perf_counter() - start
-    token = int(np.argmax(logits))
-    ttft_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(gen):
-        token = int(np.argmax(decode(token)))
-    decode_s = time.perf_counter() - start
-    return {"prefill_tok_s": prompt / prefill_s, "ttft_s": ttft_s, "decode_tok_s": gen / decode_s}
+from .timing import measure_bandwidth, peak_rss_mb, read_pass, time_engine
 
 
 def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
@@ -65,12 +28,12 @@ def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
         from ..runtime.engine import Engine
 
         e = Engine(path, context_length=context)
-        result = _time_engine(e.prefill, e.step, e.config.vocab_size, prompt, gen)
+        result = time_engine(e.prefill, e.step, e.config.vocab_size, prompt, gen)
     else:
         from .baseline_ort import OrtEngine
 
         e = OrtEngine(path, threads=threads, context_length=context)
-        result = _time_engine(e.prefill, e.decode, e.vocab_size, prompt, gen)
+        result = time_engine(e.prefill, e.decode, e.vocab_size, prompt, gen)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -80,17 +43,17 @@ def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
     in rounds that alternate a pass of the kernel with a read-bandwidth pass, so each kernel pass is
     compared with the bandwidth of the same moment (a neighbour's burst on a shared machine moves
     both). Per kernel: median seconds per call, and the median of the per-round fractions."""
-    from ..model.config import ModelConfig
     from ..compiler.tune import STREAM_BYTES, decode_gemv_kernels
+    from ..model.config import ModelConfig
 
     data = np.ones(STREAM_BYTES // 2, dtype=np.float32)  # 256 MiB: far beyond L3, read in about as long as a pass
     rows = []
     with ThreadPoolExecutor(threads) as pool:
-        _read_pass(pool, data, threads)  # warm up: the pool's threads, the array's pages
+        read_pass(pool, data, threads)  # warm up: the pool's threads, the array's pages
         for info, one_pass in decode_gemv_kernels(ModelConfig.from_dict(json.loads(config_json))):
             seconds, fractions = [], []
             for _ in range(rounds):
-                bandwidth = _read_pass(pool, data, threads)
+                bandwidth = read_pass(pool, data, threads)
                 seconds.append(one_pass())
                 fractions.append(info["weight_bytes"] / seconds[-1] / 1e9 / bandwidth)
             rows.append({**info, "us": float(np.median(seconds)) * 1e6, "floor_fraction": float(np.median(fractions))})
@@ -110,16 +73,6 @@ def measure_gemvs(cfg, threads: int) -> list[dict]:
         r["threads"] = threads
         r["gbps"] = r["weight_bytes"] / r["us"] / 1e3
     return rows
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss would carry the parent's high-water mark across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_worker(engine: str, path: Path, threads: int, prompt: int, gen: int) -> dict:
@@ -168,9 +121,10 @@ def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, re
 
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
               json_out: Path | None, repeat: int = 3, say=print) -> dict:
-    from ..runtime.artifact import read_manifest
-    from ..cli import artifact_for, cache_dir
+    from ..compiler.cache import artifact_for
     from ..model.config import ModelConfig
+    from ..paths import cache_dir
+    from ..runtime.artifact import read_manifest
 
     artifact = artifact_for(model, "host", head=head)
     manifest = read_manifest(artifact)
@@ -216,8 +170,8 @@ def _run_gpu_bench(artifact: Path, manifest: dict, bytes_per_token: float, optio
                    repeat: int, json_out: Path | None, say) -> dict:
     """An artifact for an NVIDIA GPU: one subprocess on GPU 0 (bench_gpu.py); its yardsticks are the
     GPU's copy bandwidth and torch bf16 (ONNX Runtime's CPU engine is no baseline for a GPU)."""
+    from ..runtime.machine import check_runnable
     from .bench_gpu import gpu_report, import_torch
-    from ..compiler.targets import check_runnable
 
     import_torch()  # before TVM's CUDA runtime: torch's CUDA 13 wheels bring the libcudart it needs
     check_runnable(manifest["target"]["requires"], manifest["target"]["name"])  # else refuse, naming the fix

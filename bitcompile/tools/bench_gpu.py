@@ -120,14 +120,14 @@ def gpu_worker(path: str, repeat: int, prompt: int, gen: int) -> dict:
     """Runs inside bench's subprocess: the artifact on GPU 0, timed like the CPU engines (the median of
     `repeat` runs in this one process: a GPU context and the weights take longer to load than a run),
     plus the copy bandwidth and (with torch) the kernel profile and the torch bf16 reference."""
-    from .bench import _time_engine, peak_rss_mb
+    from .timing import peak_rss_mb, time_engine
 
     torch = import_torch()
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
     from ..runtime.engine import Engine
 
     engine = Engine(path, context_length=max(prompt + gen + 16, 80))
-    runs = [_time_engine(engine.prefill, engine.step, engine.config.vocab_size, prompt, gen) for _ in range(repeat)]
+    runs = [time_engine(engine.prefill, engine.step, engine.config.vocab_size, prompt, gen) for _ in range(repeat)]
     result = {key: float(statistics.median(r[key] for r in runs)) for key in runs[0]}
     result["peak_rss_mb"] = peak_rss_mb()
     result["device_name"] = engine.device.device_name
