@@ -27,7 +27,7 @@ def edit_manifest(d, fn):
 
 def test_manifest_describes_the_artifact(artifacts):
     m = json.loads((artifacts["autobitlinear"] / "manifest.json").read_text())
-    assert m["format"] == "bitcompile-artifact" and m["format_version"] == 2
+    assert m["format"] == "bitcompile-artifact" and m["format_version"] == 3
     assert set(m["files"]) >= {"model.so", "params.bin", "tokenizer.json"}
     assert all(len(h) == 64 for h in m["files"].values())
     assert m["target"]["name"] == "host" and m["target"]["tvm"]["kind"] == "llvm"
@@ -66,10 +66,10 @@ def test_foreign_directories_are_refused(tmp_path, checkpoints):
         bitcompile.load(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("version", [99, 1])
+@pytest.mark.parametrize("version", [99, 1, 2])
 def test_other_format_versions_are_refused(art, version):
     edit_manifest(art, lambda m: m.update(format_version=version))
-    with pytest.raises(ArtifactError, match=f"artifact format version {version}, this bitcompile reads version 2; "
+    with pytest.raises(ArtifactError, match=f"artifact format version {version}, this bitcompile reads version 3; "
                                             "recompile the model"):
         bitcompile.load(art)
 

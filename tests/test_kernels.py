@@ -150,7 +150,7 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64)])
 def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
     from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_q4_vnni
-    from bitcompile.model.head import block_q4, padded_vocab, quantize_q4_groups
+    from bitcompile.model.head import block_q4, quantize_q4_groups
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     rng = np.random.default_rng(v + m)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import tvm
 from tqdm import tqdm
-from tvm import relax
 
 from ..atomic import atomic_directory
 from ..kernels.schedule import cpu_schedule_pass

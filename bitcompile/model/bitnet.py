@@ -198,6 +198,23 @@ class BitNetForCausalLM(nn.Module):
     def decode(self, token_rows: Tensor, cache: PagedKVCache):
         return self._logits(self._hidden(token_rows, cache)), cache
 
+    def batch_decode(self, token_rows: Tensor, cache: PagedKVCache):
+        """One new token for each of B sequences (the cache's begin_forward names them, lengths 1):
+        token_rows [B, 1, hidden] -> logits [B, 1, vocab]. The linears see B rows, so each weight
+        block is read once for all of them."""
+        return self._logits(self._hidden(token_rows, cache)), cache
+
+    def batch_prefill(self, token_rows: Tensor, logit_positions: Tensor, cache: PagedKVCache):
+        """Chunks of several sequences, concatenated (token_rows [1, n, hidden]; begin_forward gives
+        each sequence's length): logits [1, b, vocab] only at the b positions asked for."""
+        hidden = self._hidden(token_rows, cache)
+
+        def gather(x, positions):
+            return te.compute((1, positions.shape[0], x.shape[2]), lambda _, i, j: x[0, positions[i], j],
+                              name="logit_rows")
+
+        return self._logits(op.tensor_expr_op(gather, "logit_rows", [hidden, logit_positions])), cache
+
     def head(self, hidden: Tensor) -> Tensor:
         return self._logits(hidden)
 
@@ -237,6 +254,9 @@ class BitNetForCausalLM(nn.Module):
         return nn.spec.ModuleSpec.from_raw({
             "prefill": {"token_rows": nn.spec.Tensor([1, "seq_len", h], "uint16"), "cache": cache, "$": packed},
             "decode": {"token_rows": nn.spec.Tensor([1, 1, h], "uint16"), "cache": cache, "$": packed},
+            "batch_decode": {"token_rows": nn.spec.Tensor(["batch", 1, h], "uint16"), "cache": cache, "$": packed},
+            "batch_prefill": {"token_rows": nn.spec.Tensor([1, "seq_len", h], "uint16"),
+                              "logit_positions": nn.spec.Tensor(["batch"], "int32"), "cache": cache, "$": packed},
             "head": {"hidden": nn.spec.Tensor([1, "n", h], "float32"), "$": packed},
             "head_last": {"hidden": nn.spec.Tensor([1, "seq_len", h], "float32"), "$": packed},
             "create_kv_cache": {

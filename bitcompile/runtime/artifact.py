@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "bitcompile-artifact"
-FORMAT_VERSION = 2  # 2: prefill/decode take the embedding rows the runtime reads, not token ids
+FORMAT_VERSION = 3  # 2: prefill/decode take the embedding rows the runtime reads, not token ids; 3: batch_decode, batch_prefill
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.bin"

@@ -2,13 +2,16 @@
 
 The artifact is code, so nothing is loaded before its manifest and every file hash check out and the
 target matches this machine. Generation is prefill (in chunks) into a paged KV cache, then one decode
-call per token.
+call per token. The cache holds many sequences: `submit` hands requests to the continuous-batching
+scheduler (scheduler.py), whose steps run the sequences' tokens together (one weight stream a step);
+`generate`, `stream`, `logits`, `prefill`/`step` run one sequence of their own between those steps.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,10 +27,14 @@ from .artifact import (
     read_params,
     verify_files,
 )
+from .kv_cache import PAGE_SIZE, KVCache, pages_for
 from .machine import check_runnable
 from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler
+from .text import TextStream, check_stops
 
-PAGE_SIZE = 16
+MAX_BATCH = 256
+DIRECT = 0  # the cache's sequence id of the single-sequence API; submitted requests count from 1
 EMBEDDING = "embed_tokens.weight"
 
 
@@ -53,11 +60,16 @@ class PromptError(ValueError):
 
 
 class Engine:
-    """A loaded artifact. `logits`, `generate` and `stream` are the API tools and tests rely on."""
+    """A loaded artifact. `logits`, `generate`, `stream`, `submit` and `generate_batch` are the API tools
+    and tests rely on. Thread-safe: model calls take turns on one lock."""
 
-    def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 128):
-        # prefill_chunk: tokens per prefill call; 128 measured as fast as 256 on the 2B shape, with 43 MB
-        # less memory for the intermediate activations
+    def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 128,
+                 max_batch: int = 1, max_queue: int = 1024):
+        """context_length: tokens per sequence (prompt + generated; default the model's maximum).
+        max_batch: sequences the KV cache holds at once (the direct API's one included); its memory is
+        max_batch x context_length tokens. prefill_chunk: prompt tokens per model call (128 measured as
+        fast as 256 on the 2B shape, with 43 MB less memory for the intermediate activations).
+        max_queue: submitted requests that may wait for room before `submit` refuses more."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         verify_files(self.path, self.manifest)
@@ -65,10 +77,13 @@ class Engine:
         check_runnable(target["requires"], target["name"])
         self.config = ModelConfig.from_dict(self.manifest["model"])
         limit = self.config.max_position_embeddings
-        if context_length is not None and not (isinstance(context_length, int) and 0 < context_length <= limit):
-            raise ValueError(f"invalid context_length={context_length!r}: must be an integer in 1..{limit} (the model's limit)")
+        _check_int("context_length", context_length, 1, limit, "the model's limit", optional=True)
+        _check_int("max_batch", max_batch, 1, MAX_BATCH, "")
+        _check_int("prefill_chunk", prefill_chunk, 1, 1 << 16, "")
+        _check_int("max_queue", max_queue, 0, 1 << 20, "")
         self.context_length = context_length or limit
         self.prefill_chunk = min(prefill_chunk, self.context_length)
+        self.max_batch, self.max_queue = max_batch, max_queue
 
         tvm = import_tvm_runtime()  # runtime only: nothing here touches the compiler
         from tokenizers import Tokenizer
@@ -86,12 +101,15 @@ class Engine:
         # H100); reuse is safe because every step ends by reading its logits back
         self._one_row = tvm.runtime.empty((1, 1, self._table["shape"][1]), "uint16", self.device)
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
-        self._kv = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
-                    for name in ("add_sequence", "begin_forward", "end_forward", "clear")}
         shape = tvm.runtime.ShapeTuple
-        self._cache = self._vm["create_kv_cache"](shape([1]), shape([self.context_length]),
-                                                  shape([self.prefill_chunk]), shape([PAGE_SIZE]), shape([0]))
-        self._cache_len = None
+        # a step of the scheduler carries one prompt chunk plus one token of every other sequence
+        handle = self._vm["create_kv_cache"](shape([max_batch]), shape([max_batch * self.context_length]),
+                                             shape([self.prefill_chunk + max_batch]), shape([PAGE_SIZE]), shape([0]))
+        self.kv = KVCache(tvm, handle, max_batch)
+        self._lock = threading.RLock()  # one model call at a time: the scheduler's steps and the direct API
+        self._cache_len: int | None = None  # tokens of the direct API's sequence in the cache
+        self._scheduler = None
+        self.closed = False
 
     def _on_device(self, array: np.ndarray):
         """A parameter for the VM: zero copy from the mapped file on the CPU, copied to a GPU."""
@@ -100,37 +118,64 @@ class Engine:
         return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
     # -- model calls -------------------------------------------------------------------------------
-    def _reset(self):
-        self._kv["clear"](self._cache)
-        self._kv["add_sequence"](self._cache, 0)
-        self._cache_len = 0
-
     def _embedding_rows(self, ids: Sequence[int]) -> np.ndarray:
-        """The tokens' rows of the embedding table (bf16 bits [1, len, hidden]), read from the parameter
+        """The tokens' rows of the embedding table (bf16 bits [len, hidden]), read from the parameter
         file: mapping the table instead would fault in 64 KB around each row (see model/bitnet.py: BF16Embedding)."""
         hidden = self._table["shape"][1]
-        rows = np.empty((1, len(ids), hidden), np.uint16)
-        for row, token in zip(rows[0], ids):
+        rows = np.empty((len(ids), hidden), np.uint16)
+        for row, token in zip(rows, ids):
             offset = self._table["offset"] + int(token) * hidden * 2
             if os.preadv(self._params_file.fileno(), [row], offset) != row.nbytes:
                 raise ArtifactError(f"{self.path / PARAMS}: truncated embedding table; recompile the model")
         return rows
 
-    def _run(self, fn: str, ids: Sequence[int]):
-        """Append `ids` to the sequence in the cache through `fn` (prefill or decode)."""
-        shape = self._tvm.runtime.ShapeTuple
-        rows = self._embedding_rows(ids)
-        tokens = self._one_row if len(ids) == 1 else self._tvm.runtime.empty(rows.shape, "uint16", self.device)
+    def _input(self, rows: np.ndarray):
+        tokens = self._one_row if rows.shape == self._one_row.shape else \
+            self._tvm.runtime.empty(rows.shape, "uint16", self.device)
         tokens.copyfrom(rows)
-        self._kv["begin_forward"](self._cache, shape([0]), shape([len(ids)]))
-        out, self._cache = self._vm[fn](tokens, self._cache, self._params)
-        self._kv["end_forward"](self._cache)
+        return tokens
+
+    def _call(self, fn: str, seqs: Sequence[int], lengths: Sequence[int], rows: np.ndarray, *extra):
+        """One model function over the sequences `seqs`, each appending `lengths` tokens."""
+        self.kv.begin(seqs, lengths)
+        out, self.kv.handle = self._vm[fn](self._input(rows), *extra, self.kv.handle, self._params)
+        self.kv.end()
+        return out
+
+    def forward(self, seqs: Sequence[int], chunks: Sequence[Sequence[int]], want: Sequence[bool]) -> np.ndarray:
+        """Append each chunk of tokens to its sequence in one model call; logits float32 [n, vocab] of
+        the last position of each chunk with `want` set, in order. One token per sequence runs the
+        decode kernels (`decode` alone, `batch_decode` for several), anything else `batch_prefill`."""
+        rows = self._embedding_rows([t for chunk in chunks for t in chunk])
+        lengths = [len(c) for c in chunks]
+        if all(n == 1 for n in lengths):
+            fn = "decode" if len(seqs) == 1 else "batch_decode"
+            logits = self._call(fn, seqs, lengths, rows[:, None, :]).numpy()[:, 0]
+            return logits[np.asarray(want, dtype=bool)]
+        ends = np.cumsum(lengths) - 1
+        positions = self._tvm.runtime.tensor(ends[np.asarray(want, dtype=bool)].astype(np.int32), self.device)
+        return self._call("batch_prefill", seqs, lengths, rows[None], positions).numpy()[0]
+
+    # -- the direct API's own sequence -------------------------------------------------------------
+    def _start_direct(self, tokens: int):
+        """(Re)start the direct sequence with room for `tokens` tokens."""
+        self._end_direct()
+        self.kv.add(DIRECT, pages_for(tokens))
+        self._cache_len = 0
+
+    def _end_direct(self):
+        self.kv.remove(DIRECT)
+        self._cache_len = None
+
+    def _run(self, fn: str, ids: Sequence[int]):
+        """Append `ids` to the direct sequence through `fn` (prefill or decode); the output tensor."""
+        out = self._call(fn, [DIRECT], [len(ids)], self._embedding_rows(ids)[None])
         self._cache_len += len(ids)
         return out
 
-    def _prefill(self, ids: Sequence[int]):
-        """Prefill from an empty cache; return the hidden states of each chunk."""
-        self._reset()
+    def _prefill(self, ids: Sequence[int], room: int):
+        """Prefill the direct sequence from empty; return the hidden states of each chunk."""
+        self._start_direct(room)
         return [self._run("prefill", ids[i : i + self.prefill_chunk]) for i in range(0, len(ids), self.prefill_chunk)]
 
     def _check_prompt(self, ids: Sequence[int]):
@@ -147,28 +192,50 @@ class Engine:
         if bad:
             raise PromptError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
 
+    def _ids(self, prompt_or_ids: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt_or_ids, str):
+            ids = self.encode(prompt_or_ids)
+        else:
+            ids = [int(t) for t in prompt_or_ids]
+        self._check_prompt(ids)
+        return ids
+
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of one prefill from an empty cache: float32 [len, vocab]."""
         ids = [int(t) for t in token_ids]
         self._check_prompt(ids)
-        return np.concatenate([self._vm["head"](h, self._params).numpy()[0] for h in self._prefill(ids)])
+        with self._lock:
+            try:
+                return np.concatenate([self._vm["head"](h, self._params).numpy()[0]
+                                       for h in self._prefill(ids, len(ids))])
+            finally:
+                self._end_direct()
 
     def prefill(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Start a sequence: logits of its last position (float32 [vocab]); `step` continues it."""
+        """Start a sequence: logits of its last position (float32 [vocab]); `step` continues it (the
+        sequence keeps room for the whole context until the next `prefill`)."""
         ids = [int(t) for t in token_ids]
         self._check_prompt(ids)
-        return self._last_logits(ids)
+        with self._lock:
+            return self._last_logits(ids, self.context_length)
 
-    def _last_logits(self, ids: list[int]) -> np.ndarray:
-        return self._vm["head_last"](self._prefill(ids)[-1], self._params).numpy()[0, -1]
+    def _last_logits(self, ids: list[int], room: int) -> np.ndarray:
+        return self._vm["head_last"](self._prefill(ids, room)[-1], self._params).numpy()[0, -1]
 
     def step(self, token: int) -> np.ndarray:
         """Append one token to the sequence started by `prefill`; logits of the next position."""
-        if self._cache_len is None:
-            raise RuntimeError("step() continues a sequence: call prefill() first")
-        if self._cache_len + 1 > self.context_length:
-            raise PromptError(f"the context of {self.context_length} tokens is full")
-        return self._run("decode", [int(token)]).numpy()[0, -1]
+        with self._lock:
+            if self._cache_len is None:
+                raise RuntimeError("step() continues a sequence: call prefill() first")
+            if self._cache_len + 1 > min(self.context_length, self.kv.reserved[DIRECT] * PAGE_SIZE):
+                raise PromptError(f"the context of {self.context_length} tokens is full")
+            return self._run("decode", [int(token)]).numpy()[0, -1]
+
+    def release(self):
+        """End the sequence `prefill` started: its pages and its place in the cache go back to the
+        scheduler (the next `prefill` would do it too)."""
+        with self._lock:
+            self._end_direct()
 
     # -- text ----------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -182,53 +249,80 @@ class Engine:
                stop: str | Sequence[str] | None = None) -> Iterator[str]:
         """Yield the generated text piece by piece (the prompt is not repeated)."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"invalid max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"invalid stop={stop!r}: stop strings must be non-empty strings")
-        ids = self.encode(prompt_or_ids) if isinstance(prompt_or_ids, str) else [int(t) for t in prompt_or_ids]
-        self._check_prompt(ids)
+        _check_int("max_new_tokens", max_new_tokens, 0, None, "")
+        stops = check_stops(stop)
+        ids = self._ids(prompt_or_ids)
         return self._stream(ids, max_new_tokens, Sampler(params), stops)
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, stops: list[str]) -> Iterator[str]:
         if max_new_tokens == 0:
             return
-        logits = self._last_logits(ids)  # stream() has checked the prompt already
-        generated: list[int] = []
-        emitted = 0
-        while True:
-            token = sampler(logits, ids + generated)
-            if token in self.config.eos_token_ids:
-                break
-            generated.append(token)
-            text = self.decode(generated)
-            cut = _first_stop(text, stops)
-            done = cut is not None or len(generated) >= max_new_tokens or self._cache_len + 1 >= self.context_length
-            end = cut if cut is not None else (len(text) if done else _safe_end(text, stops))
-            if end > emitted:
-                yield text[emitted:end]
-                emitted = end
-            if done:
-                break
-            logits = self.step(token)
+        limit = min(self.context_length, len(ids) + max_new_tokens)
+        text = TextStream(self.decode, stops)
+        with self._lock:
+            logits = self._last_logits(ids, limit)  # stream() has checked the prompt already
+        try:
+            while True:
+                token = sampler(logits, ids + text.tokens)
+                if token in self.config.eos_token_ids:
+                    yield text.finish()
+                    return
+                last = len(text.tokens) + 1 >= max_new_tokens or self._cache_len + 1 >= self.context_length
+                piece = text.push(token, last)
+                if piece:
+                    yield piece
+                if last or text.stopped:
+                    return
+                logits = self.step(token)
+        finally:
+            with self._lock:
+                self._end_direct()
 
     def generate(self, prompt_or_ids: str | Sequence[int], **kwargs) -> str:
         """The generated text (without the prompt); same arguments as `stream`."""
         return "".join(self.stream(prompt_or_ids, **kwargs))
 
+    # -- many sequences: the scheduler ---------------------------------------------------------------
+    def submit(self, prompt_or_ids: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
+               top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None):
+        """Queue a request for the continuous-batching scheduler; returns its Request handle at once
+        (iterate it for text pieces; `.result()`, `.cancel()`, token counts and timings)."""
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+        _check_int("max_new_tokens", max_new_tokens, 0, None, "")
+        stops = check_stops(stop)
+        ids = self._ids(prompt_or_ids)
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the engine is closed: load the artifact again to submit requests")
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self)
+        return self._scheduler.submit(ids, params, max_new_tokens, stops)
 
-def _first_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], **sampling) -> list[str]:
+        """Every prompt's generated text, run as concurrent requests; same arguments as `submit`."""
+        handles = [self.submit(p, **sampling) for p in prompts]
+        return [h.result() for h in handles]
+
+    def close(self):
+        """Stop the scheduler: waiting and running requests end as cancelled; later submits are refused."""
+        with self._lock:
+            self.closed = True
+            scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def _safe_end(text: str, stops: list[str]) -> int:
-    """How much of `text` can be shown: hold back an incomplete UTF-8 character or a possible stop prefix."""
-    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
-    for s in stops:
-        for n in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:n]):
-                end = min(end, len(text[:end]) - n)
-                break
-    return end
+def _check_int(name: str, value, low: int, high: int | None, what: str, optional: bool = False):
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"an integer in {low}..{high}" + (f" ({what})" if what else "") if high is not None \
+            else f"an integer >= {low}"
+        raise ValueError(f"invalid {name}={value!r}: must be {bound}")
