@@ -145,8 +145,30 @@ def test_random_submits_cancels_and_stops_lose_nothing(artifact):
             alone = engine.decode(full_ids[i][:limit])
             assert h.text == (alone[: alone.index(stop)] if stop and stop in alone else alone)
     status = engine._scheduler.status()
-    assert status["running"] == 0 and status["waiting"] == 0 and status["kv_pages_used"] == 0
-    assert engine.kv.reserved == {}
+    assert status["running"] == 0 and status["waiting"] == 0 and engine.kv.reserved == {}
+    assert status["prefix_hits"] > 0  # the same prompts came again: their prefixes were forked
+    engine.drop_prefixes()
+    assert engine._scheduler.status()["kv_pages_used"] == 0
+    engine.close()
+
+
+def test_a_shared_prefix_is_forked_not_prefilled_again(artifact):
+    engine = bitcompile.load(artifact, max_batch=4, context_length=512)
+    shared, first_rest, second_rest = random_prompts(engine, [200, 30, 50], seed=9)
+    first, second = shared + first_rest, shared + second_rest
+    want = greedy_alone(engine, second, 20)
+    engine.release()
+    engine.submit(first, max_new_tokens=5, temperature=0).result(timeout=60)
+    before = engine._scheduler.status()
+    h = engine.submit(second, max_new_tokens=20, temperature=0)
+    assert h.result(timeout=60) == engine.decode(want) and h.output_ids == want
+    after = engine._scheduler.status()
+    assert h.prefix_reused == 200
+    assert after["prefilled_tokens"] - before["prefilled_tokens"] == 50  # only the rest ran
+    assert after["prefix_hits"] - before["prefix_hits"] == 1
+    # a prompt that is all prefix still runs its last token (its logits start the generation)
+    again = engine.submit(second, max_new_tokens=20, temperature=0)
+    assert again.result(timeout=60) == h.text and again.prefix_reused == len(second) - 1
     engine.close()
 
 
@@ -154,6 +176,7 @@ def test_a_full_cache_makes_requests_wait_and_the_queue_is_bounded(artifact):
     engine = bitcompile.load(artifact, max_batch=1, context_length=64, max_queue=2)
     prompt = random_prompts(engine, [10])[0]
     first = engine.submit(prompt, max_new_tokens=40, temperature=0)
+    next(iter(first))  # running: the one place in the cache is taken
     second = engine.submit(prompt, max_new_tokens=5, temperature=0)
     third = engine.submit(prompt, max_new_tokens=5, temperature=0)
     with pytest.raises(QueueFullError, match=r"2 requests are already waiting \(max_queue=2\)"):

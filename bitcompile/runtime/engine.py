@@ -231,6 +231,11 @@ class Engine:
                 raise PromptError(f"the context of {self.context_length} tokens is full")
             return self._run("decode", [int(token)]).numpy()[0, -1]
 
+    def drop_prefixes(self):
+        """Forget the prefixes finished requests left in the KV cache (their pages become free)."""
+        with self._lock:
+            self.kv.drop_all_kept()
+
     def release(self):
         """End the sequence `prefill` started: its pages and its place in the cache go back to the
         scheduler (the next `prefill` would do it too)."""

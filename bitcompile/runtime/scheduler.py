@@ -8,7 +8,9 @@ read, up to `prefill_chunk` prompt tokens a step, so running streams keep produc
 prompt comes in. Prompt chunks start at multiples of `prefill_chunk`, where the single-sequence
 prefill cuts them: a request computes the same numbers alone or in company. A request leaves when it
 ends (eos, a stop string, its token limit, the context, cancel, an error) and its pages are free for
-the next step.
+the next step; what its KV holds stays as a prefix for later prompts that begin the same way (a
+shared system prompt, the earlier turns of a conversation), which fork it instead of prefilling it
+again, until its pages are needed.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Request:
         self.token_times: list[float] = []  # when each generated token was sampled
         self.finished_at: float | None = None
         self.prefix_reused = 0  # prompt tokens taken from the cache instead of prefilled
+        self.fed = 0  # generated tokens in the cache
         self._sampler = Sampler(params)
         self._text = TextStream(decode, stops)
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
@@ -108,6 +111,12 @@ class Request:
     def inter_token_s(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
+    def kv_tokens(self) -> list[int]:
+        """The tokens this request's sequence holds in the KV cache."""
+        if self.prefilled < len(self.prompt_ids):
+            return self.prompt_ids[: self.prefilled]
+        return self.prompt_ids + self._text.tokens[: self.fed]
+
     def _raise_error(self):
         if self.finish_reason == "error":
             raise RequestError(f"request {self.id} failed: {self.error}") from self.error
@@ -137,6 +146,9 @@ class Scheduler:
         self._next_id = 1  # the cache's sequence 0 is the direct API's
         self._closed = False
         self.steps = 0
+        self.prefilled_tokens = 0  # prompt tokens run through the model
+        self.prefix_hits = 0  # requests that forked a cached prefix
+        self.prefix_tokens = 0  # prompt tokens those took from the cache
         self._thread = threading.Thread(target=self._loop, name="bitcompile-engine", daemon=True)
         self._thread.start()
 
@@ -165,7 +177,8 @@ class Scheduler:
             waiting, running = len(self._waiting), len(self._running)
         kv = self.engine.kv
         return {"waiting": waiting, "running": running, "steps": self.steps, "kv_pages_total": kv.total_pages,
-                "kv_pages_used": kv.used_pages()}
+                "kv_pages_used": kv.used_pages(), "prefixes_kept": len(kv.kept), "prefix_hits": self.prefix_hits,
+                "prefix_tokens": self.prefix_tokens, "prefilled_tokens": self.prefilled_tokens}
 
     def close(self):
         with self._cond:
@@ -223,7 +236,10 @@ class Scheduler:
                     self._end(request, "error", error)
                 return True
             self.steps += 1
+            for request in decoding:
+                request.fed += 1
             for request, end in chunks:
+                self.prefilled_tokens += end - request.prefilled
                 request.prefilled = end
             rows = iter(logits)
             for (request, _), want in zip(batch, wants):
@@ -250,7 +266,12 @@ class Scheduler:
                 if not kv.can_add(pages):
                     break
                 self._waiting.popleft()
-                kv.add(request.id, pages)
+                parent, shared = kv.longest_prefix(request.prompt_ids, {r.id: r.kv_tokens() for r in self._running})
+                shared = min(shared, len(request.prompt_ids) - 1)  # the last prompt token runs: its logits
+                if kv.add(request.id, pages, parent if shared > 0 else None, shared) is not None:
+                    request.prefilled = request.prefix_reused = shared
+                    self.prefix_hits += 1
+                    self.prefix_tokens += shared
                 self._running.append(request)
 
     def _prompt_chunks(self) -> list[tuple[Request, int]]:
@@ -290,7 +311,10 @@ class Scheduler:
             request.next_token = token
 
     def _end(self, request: Request, reason: str, error: BaseException | None = None):
-        self.engine.kv.remove(request.id)
+        if error is None:
+            self.engine.kv.retire(request.id, request.kv_tokens())
+        else:  # after a failed call the sequence's KV is not to be trusted
+            self.engine.kv.remove(request.id)
         if request in self._running:
             self._running.remove(request)
         request._finish(reason, error)
