@@ -65,12 +65,24 @@ def cmd_run(args):
 def cmd_bench(args):
     from .tools.bench import run_bench
 
-    threads = [int(t) for t in args.threads.split(",")]
-    if any(t < 1 for t in threads) or args.prompt < 1 or args.gen < 1 or args.repeat < 1:
-        raise ValueError("--threads, --prompt, --gen and --repeat must be positive")
+    threads = _positive_ints("--threads", args.threads)
+    concurrency = _positive_ints("--concurrency", args.concurrency) if args.concurrency else None
+    if args.prompt < 1 or args.gen < 1 or args.repeat < 1:
+        raise ValueError("--prompt, --gen and --repeat must be positive")
     source = Path(args.model) if args.model else shipped_model()
     baseline = None if args.baseline == "none" else args.baseline
-    run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json, repeat=args.repeat)
+    run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json, repeat=args.repeat,
+              concurrency=concurrency)
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{flag} {text!r}: give comma-separated positive integers, e.g. 1,4,8")
+    return values
 
 
 def cmd_synth(args):
@@ -218,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--head", choices=HEAD_KINDS, help="lm_head option for the compiled model")
     b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count; the median is "
                                                          "reported (default 3)")
+    b.add_argument("--concurrency", metavar="N,N,...", help="also run N concurrent requests through the batching "
+                   "scheduler (e.g. 1,4,8,16; all at once and staggered): aggregate decode tok/s, TTFT and "
+                   "inter-token latency p50/p99, peak RSS, beside concurrency 1")
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=cmd_bench)
 

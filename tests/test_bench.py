@@ -39,3 +39,28 @@ def test_bench_reports_both_engines(checkpoints, tmp_path, monkeypatch, capsys):
 
 def test_bandwidth_measure_is_plausible():
     assert 1 < measure_bandwidth(1, repeats=1) < 1000
+
+
+def test_bench_concurrency_reports_what_tools_read(checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BITCOMPILE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    main(["bench", str(checkpoints["autobitlinear"]), "--threads", "1", "--prompt", "16", "--gen", "12", "--repeat",
+          "1", "--baseline", "none", "--concurrency", "1,3", "--json", str(out)])
+    rows = json.loads(out.read_text())["concurrency"]
+    assert [(r["n"], r["mode"]) for r in rows] == [(1, "burst"), (3, "burst"), (3, "staggered")]
+    for r in rows:
+        for key in ("aggregate_decode_tok_s", "prefill_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
+                    "peak_rss_mb"):
+            assert r[key] > 0, key
+        assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["itl_p50_s"] <= r["itl_p99_s"]
+        assert r["prefix_hits"] == 0  # every request has its own prompt
+    assert len({r["prefill_tok_s"] for r in rows}) == 1  # the single-sequence rate of this run, in every row
+    assert "concurrent requests" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_concurrency(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--concurrency", "4,x"])
+    assert "--concurrency '4,x': give comma-separated positive integers" in capsys.readouterr().err

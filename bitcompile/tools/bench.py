@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .timing import measure_bandwidth, peak_rss_mb, read_pass, time_engine
+from .timing import (
+    fixed,
+    in_subprocess,
+    measure_bandwidth,
+    peak_rss_mb,
+    read_pass,
+    time_engine,
+)
 
 
 def worker(engine: str, path: str, threads: int, prompt: int, gen: int) -> dict:
@@ -63,7 +69,7 @@ def gemv_worker(config_json: str, threads: int, rounds: int = 21) -> list[dict]:
 def measure_gemvs(cfg, threads: int) -> list[dict]:
     """The model's decode GEMV kernels alone (gemv_worker), with GB/s; the last row is all of them
     together (one layer's GEMV time), its fraction the byte-weighted one."""
-    rows = _in_subprocess("GEMV kernel", ["gemv", json.dumps(cfg.to_dict()), str(threads)],
+    rows = in_subprocess(__name__, "GEMV kernel", ["gemv", json.dumps(cfg.to_dict()), str(threads)],
                           env={**os.environ, "TVM_NUM_THREADS": str(threads)})
     total_us = sum(r["us"] for r in rows)
     rows.append({"kernel": "all decode GEMVs of a layer", "weight_bytes": sum(r["weight_bytes"] for r in rows),
@@ -76,15 +82,7 @@ def measure_gemvs(cfg, threads: int) -> list[dict]:
 
 
 def _run_worker(engine: str, path: Path, threads: int, prompt: int, gen: int) -> dict:
-    return _in_subprocess(engine, [engine, str(path), str(threads), str(prompt), str(gen)])
-
-
-def _in_subprocess(what: str, args: list[str], env: dict | None = None):
-    """Run this module's __main__ with `args` in a fresh process; return the JSON it prints last."""
-    out = subprocess.run([sys.executable, "-m", __name__, *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{what} benchmark failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_subprocess(__name__, engine, [engine, str(path), str(threads), str(prompt), str(gen)])
 
 
 def kv_bytes_per_token(cfg, context: float, bytes_per_value: int = 4) -> float:
@@ -120,7 +118,9 @@ def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, re
 
 
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
-              json_out: Path | None, repeat: int = 3, say=print) -> dict:
+              json_out: Path | None, repeat: int = 3, say=print, concurrency: list[int] | None = None) -> dict:
+    """The engines' table (and the GEMV kernels alone); with `concurrency`, also N concurrent requests
+    through the batching scheduler (bench_concurrency.py) with the largest thread count."""
     from ..compiler.cache import artifact_for
     from ..model.config import ModelConfig
     from ..paths import cache_dir
@@ -160,6 +160,10 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     kernels = [row for n in threads for row in measure_gemvs(cfg, n)]
     report = {"bandwidth_gbps": max(bandwidth.values()), "bandwidth_by_threads": bandwidth,
               "model": str(model), "prompt": prompt, "gen": gen, "repeat": repeat, "runs": runs, "kernels": kernels}
+    if concurrency:
+        from .bench_concurrency import run_concurrency
+
+        report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say)
     say(format_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -176,7 +180,7 @@ def _run_gpu_bench(artifact: Path, manifest: dict, bytes_per_token: float, optio
     import_torch()  # before TVM's CUDA runtime: torch's CUDA 13 wheels bring the libcudart it needs
     check_runnable(manifest["target"]["requires"], manifest["target"]["name"])  # else refuse, naming the fix
     say(f"running bitcompile on the GPU ({artifact})...")
-    result = _in_subprocess("GPU", ["gpu", str(artifact), str(repeat), str(prompt), str(gen)])
+    result = in_subprocess(__name__, "GPU", ["gpu", str(artifact), str(repeat), str(prompt), str(gen)])
     report = {**gpu_report(result, manifest, bytes_per_token, options), "model": str(artifact), "prompt": prompt,
               "gen": gen, "repeat": repeat}
     say(format_table(report))
@@ -219,8 +223,8 @@ def format_table(report: dict) -> str:
     lines = [bandwidth, f"prompt {report['prompt']} tokens, {report['gen']} generated, median of {report['repeat']} "
                         "runs per row", head, "-" * len(head)]
     for r in report["runs"]:
-        lines.append(f"{r['engine']:{width}s} {'gpu' if gpu else r['threads']:>3} {_num(r['prefill_tok_s'], 13, 1)} "
-                     f"{_num(r['decode_tok_s'], 12, 2)} {_num(r['ttft_s'], 7, 3)} {_num(r['peak_rss_mb'], 11, 0)} "
+        lines.append(f"{r['engine']:{width}s} {'gpu' if gpu else r['threads']:>3} {fixed(r['prefill_tok_s'], 13, 1)} "
+                     f"{fixed(r['decode_tok_s'], 12, 2)} {fixed(r['ttft_s'], 7, 3)} {fixed(r['peak_rss_mb'], 11, 0)} "
                      f"{r['bytes_per_token'] / 1e6:9.1f} {r['gbps']:6.1f} {100 * r['floor_fraction']:6.1f}%")
     if gpu:
         from .bench_gpu import format_gpu_lines
@@ -231,6 +235,10 @@ def format_table(report: dict) -> str:
         if ("bitcompile", n) in by and ("onnxruntime", n) in by:
             lines.append(f"{n} thread(s): decode {by['bitcompile', n]['decode_tok_s'] / by['onnxruntime', n]['decode_tok_s']:.2f}x, "
                          f"prefill {by['bitcompile', n]['prefill_tok_s'] / by['onnxruntime', n]['prefill_tok_s']:.2f}x ONNX Runtime")
+    if report.get("concurrency"):
+        from .bench_concurrency import format_concurrency
+
+        lines += format_concurrency(report["concurrency"], report["prompt"], report["gen"])
     if report.get("kernels"):
         lines.append("decode GEMV kernels alone (weights streamed from memory, as scheduled by compile; "
                      "% of the read bandwidth measured between passes):")
@@ -238,10 +246,6 @@ def format_table(report: dict) -> str:
             lines.append(f"  {k['kernel']:34s} {k['threads']} thr {k['us']:8.1f} us {k['gbps']:6.1f} GB/s "
                          f"{100 * k['floor_fraction']:6.1f}% of read bandwidth" + ("" if k["tuned"] else " (untuned)"))
     return "\n".join(lines)
-
-
-def _num(value, width: int, digits: int) -> str:
-    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""What the benchmarks measure: this machine's read bandwidth, an engine's prefill/decode speed, peak RSS."""
+"""What the benchmarks measure: this machine's read bandwidth, an engine's prefill/decode speed, peak RSS;
+and the helpers their workers and tables share."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,3 +59,17 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_subprocess(module: str, what: str, args: list[str], env: dict | None = None):
+    """Run `python -m module args` in a fresh process (its own peak RSS, its own thread setting);
+    return the JSON it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} benchmark failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fixed(value, width: int, digits: int) -> str:
+    """A table cell: the number with `digits` decimals, or '-' when there is none."""
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}.{digits}f}"
