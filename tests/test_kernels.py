@@ -131,9 +131,10 @@ def test_int8_lm_head_is_exact_in_integers(vnni, m, v):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("m", [1, 7, 8, 21])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 16, 21, 32])
 def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
-    """The prefill variant (symbolic token count, padded to whole tiles inside the op)."""
+    """The prefill and batched-decode variant (symbolic token count: a prompt chunk, or one token of
+    each of 2-32 sequences; padded to whole tiles inside the op)."""
     from bitcompile.kernels.x86 import has_vnni, schedule_ternary_matmul_vnni
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
@@ -147,7 +148,24 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64)])
+@pytest.mark.parametrize("m", [2, 16, 32])
+def test_int8_lm_head_with_a_dynamic_token_count_is_exact(vnni, m):
+    """The head of a batched step: one row per sequence, the count known only at run time."""
+    from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_int8_vnni
+    from bitcompile.model.head import block_int8_rows, padded_vocab, quantize_int8_rows
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    rng = np.random.default_rng(m)
+    h, v = 128, 100
+    q, _ = quantize_int8_rows(rng.standard_normal((v, h)).astype(np.float32))
+    head = integer_kernel(ternary.lm_head_int8, schedule_lm_head_int8_vnni if vnni else schedule.schedule_lm_head_int8,
+                          tvm.tirx.Var("m", "int64"), h, (padded_vocab(v) // 16, h // 4, 64), v)
+    xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
+    np.testing.assert_array_equal(head(xq, block_int8_rows(q)), exact_dot(xq, q))
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64), (16, 100)])
 def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
     from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_q4_vnni
     from bitcompile.model.head import block_q4, quantize_q4_groups
