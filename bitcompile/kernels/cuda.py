@@ -250,6 +250,8 @@ def schedule_lm_head(sch: s_tir.Schedule):
 
 def schedule_lm_head_int8(sch: s_tir.Schedule):
     """int8 head: rows x input slices, integer partial sums (byte r*4 + kk of a block is row r, input kk)."""
+    if has_blocks(sch, "x_pad"):  # several rows: padding to tiles is the CPU's business
+        sch.compute_inline(sch.get_sblock("x_pad"))
     acc = sch.get_sblock("head_acc")
     partial, (ko, token) = rows_by_input_slices(sch, acc, sch.get_sblock("head_out"))
     sch.decompose_reduction(partial, ko)

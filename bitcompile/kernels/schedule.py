@@ -146,6 +146,8 @@ class RMSNormRule(ScheduleRule):
 
 def schedule_lm_head_int8(sch: s_tir.Schedule):
     """Portable int8 head: 16-row blocks in parallel, the 16 rows vectorized."""
+    if has_blocks(sch, "x_pad"):
+        sch.compute_inline(sch.get_sblock("x_pad"))
     acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
     i, v, h = sch.get_loops(acc)
     vo, vi = sch.split(v, factors=[None, 16])

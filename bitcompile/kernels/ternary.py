@@ -55,6 +55,15 @@ def rms_norm_quantize(x: te.Tensor, weight: te.Tensor, eps: float):
 M_TILE = 8  # prefill: tokens per register tile; a dynamic token count is padded up to a multiple
 
 
+def _pad_tokens(xq: te.Tensor) -> te.Tensor:
+    """Prefill and batched steps: the rows padded with zeros to whole tiles of M_TILE, so schedules
+    can tile them without a predicate (block "x_pad")."""
+    m, k = xq.shape
+    rows = (m + M_TILE - 1) // M_TILE * M_TILE
+    return te.compute((rows, k), lambda i, kk: tirx.if_then_else(i < m, xq[i, kk], tirx.const(0, "int8")),
+                      name="x_pad")
+
+
 def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, multiplier: te.Tensor,
                    pad_tokens: bool | None = None):
     """pad_tokens (default: when the token count is symbolic, i.e. prefill) adds the x_pad stage."""
@@ -62,11 +71,8 @@ def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tenso
     n = w.shape[0] * 16
     rows = m
     if pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm)):
-        # Prefill: pad the tokens to whole tiles so schedules can tile them without a predicate.
-        rows = (m + M_TILE - 1) // M_TILE * M_TILE
-        x = xq
-        xq = te.compute((rows, k), lambda i, kk: tirx.if_then_else(i < m, x[i, kk], tirx.const(0, "int8")),
-                        name="x_pad")
+        xq = _pad_tokens(xq)
+        rows = xq.shape[0]
     # codes[nb, kb, j, r*4 + kk] = code of row nb*16 + r at input kb*16 + 4j + kk: bit plane j of a block.
     # Schedules compute it per 64-byte block in registers (or inline it); it is never materialized whole.
     codes = te.compute(
@@ -119,10 +125,11 @@ def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor,
     w: uint8 [Vp/16, H/4, 64] (model/head.py layout), row_scale: f32 [V] (V <= Vp)."""
     m, h = xq.shape
     vocab = row_scale.shape[0]
+    xq_rows = _pad_tokens(xq) if not isinstance(m, (int, tirx.IntImm)) else xq  # batched: whole tiles of rows
     rh = te.reduce_axis((0, h), name="h")
     acc = te.compute(
-        (m, w.shape[0] * 16),
-        lambda i, v: te.sum(w[v // 16, rh // 4, v % 16 * 4 + rh % 4].astype("int32") * xq[i, rh].astype("int32"),
+        (xq_rows.shape[0], w.shape[0] * 16),
+        lambda i, v: te.sum(w[v // 16, rh // 4, v % 16 * 4 + rh % 4].astype("int32") * xq_rows[i, rh].astype("int32"),
                             axis=rh),
         name="head_acc",
     )

@@ -240,7 +240,10 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = V
 
 def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None):
     """The int8 head: the ternary loop nest without unpacking (each 64-byte block already holds
-    16 rows x 4 inputs of unsigned codes)."""
+    16 rows x 4 inputs of unsigned codes). Several rows (padded to tiles: x_pad): each block is
+    loaded once into a register for a tile of M_TILE rows."""
+    if has_blocks(sch, "x_pad"):
+        return _schedule_head_int8_tiles(sch, row_blocks or HEAD_TILE_ROW_BLOCKS)
     acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
     i, v, h = sch.get_loops(acc)
     if row_blocks is None:
@@ -258,6 +261,36 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None):
     sch.tensorize(r, VNNI_16x4)
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    scale_logits(sch, out)
+
+
+HEAD_TILE_ROW_BLOCKS = 2  # x M_TILE rows: 16 accumulators in registers
+
+
+def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks: int):
+    from .ternary import M_TILE
+
+    acc, out, pad = (sch.get_sblock(b) for b in ("head_acc", "head_out", "x_pad"))
+    i, v, h = sch.get_loops(acc)
+    row_blocks = row_blocks_for(sch, v, row_blocks)
+    mo, mi = sch.split(i, factors=[None, M_TILE])
+    vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
+    hb, kk = sch.split(h, factors=[None, 4])
+    sch.reorder(vbo, mo, hb, vbi, mi, r, kk)
+    sch.parallel(vbo)
+    writeback = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(writeback, mo)
+    block = sch.cache_read(acc, 0, "local")  # the 64-byte weight block: loaded once for the tile's rows
+    sch.compute_at(block, vbi)
+    sch.vectorize(sch.get_loops(block)[-1])
+    sch.decompose_reduction(acc, hb)
+    sch.tensorize(r, VNNI_16x4)
+    sch.unroll(vbi)
+    sch.unroll(mi)
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    pi, pk = sch.get_loops(pad)
+    sch.parallel(pi)
+    vectorize_lanes(sch, pk)
     scale_logits(sch, out)
 
 
