@@ -18,6 +18,8 @@ examples:
   bitcompile compile tiny-model --target host -o tiny.bitc
   bitcompile run tiny.bitc -p "Hello" -n 32 --temperature 0
   bitcompile info tiny.bitc
+  bitcompile serve tiny.bitc --port 8000               # OpenAI-compatible API on 127.0.0.1
+  bitcompile chat tiny.bitc --system "Be brief."
 """
 
 
@@ -60,6 +62,80 @@ def cmd_run(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _load_engine(args, **options):
+    """An artifact (compiled for the host on first use when MODEL is a checkpoint), loaded with the
+    TVM runtime alone when nothing had to be compiled."""
+    from .compiler.cache import artifact_for
+
+    source = Path(args.model) if args.model else shipped_model()
+    artifact = artifact_for(source, args.target)
+    if "tvm" not in sys.modules:
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    from .runtime.engine import Engine
+
+    return artifact, Engine(artifact, **options)
+
+
+def cmd_serve(args):
+    from .serve.limits import RateLimiter, parse_rate, read_api_keys
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: must be in 1..65535")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout {args.request_timeout}: must be a positive number of seconds")
+    keys = read_api_keys(args.api_key_file) if args.api_key_file else None
+    limiter = RateLimiter(parse_rate(args.rate_limit, "--rate-limit"), parse_rate(args.token_limit, "--token-limit"))
+    artifact, engine = _load_engine(args, max_batch=args.max_batch, context_length=args.context,
+                                    max_queue=args.max_queue)
+    from .serve.app import serve
+
+    name = args.model_name or Path(artifact).name.removesuffix(".bitc")
+    print(f"serving {name} ({artifact}) on http://{args.host}:{args.port}/v1 "
+          f"(max batch {engine.max_batch}, context {engine.context_length})", file=sys.stderr)
+    serve(engine, name, args.host, args.port, api_keys=keys, limiter=limiter, max_prompt_tokens=args.max_prompt_tokens,
+          max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+          request_timeout_s=args.request_timeout, log_prompts=args.log_prompts)
+
+
+def cmd_chat(args):
+    artifact, engine = _load_engine(args, context_length=args.context)
+    if engine.chat_template is None:
+        raise ValueError(f"{artifact}: the model has no chat template (tokenizer_config.json has no chat_template); "
+                         "use `bitcompile run` for plain completion")
+    sampling = {**engine.generation_defaults, "max_new_tokens": args.max_new_tokens,
+                **({"temperature": args.temperature} if args.temperature is not None else {}),
+                **({"seed": args.seed} if args.seed is not None else {})}
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print("chat: /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in engine.submit(engine.chat_prompt(history), **sampling):  # earlier turns: a reused prefix
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    engine.close()
 
 
 def cmd_bench(args):
@@ -263,6 +339,49 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--head", choices=["int8", "int4", "f32"], default="int8", help="lm_head precision (default int8)")
     x.add_argument("--force", action="store_true", help="replace an existing file")
     x.set_defaults(func=cmd_export_onnx)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, metrics)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve an artifact (or a checkpoint, compiled for the host on first use) over HTTP "
+                                   "with the OpenAI API: POST /v1/completions, POST /v1/chat/completions, GET "
+                                   "/v1/models, GET /health, GET /metrics (Prometheus). Requests share the batching "
+                                   "engine. Binds 127.0.0.1 unless --host says otherwise.",
+                       epilog="example:\n  bitcompile serve tiny.bitc --port 8000 --max-batch 8\n"
+                              "  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+                              "       -d '{\"prompt\": \"ROMEO:\", \"max_tokens\": 32}'")
+    v.add_argument("model", nargs="?", help="artifact or checkpoint directory (default: the shipped model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    v.add_argument("--context", type=int, help="tokens per sequence (default: the model's maximum); the KV "
+                                               "cache holds max-batch x context tokens")
+    v.add_argument("--max-queue", type=int, default=64, help="requests that may wait for room before the server "
+                                                             "answers 503 (default 64)")
+    v.add_argument("--api-key-file", metavar="FILE", help="require 'Authorization: Bearer KEY' with a key from FILE "
+                                                          "(one per line)")
+    v.add_argument("--rate-limit", metavar="N/min", help="requests per minute per key (or client address)")
+    v.add_argument("--token-limit", metavar="N/min", help="prompt + generated tokens per minute per key")
+    v.add_argument("--max-prompt-tokens", type=int, help="longest prompt taken (default: the context)")
+    v.add_argument("--max-tokens-limit", type=int, help="largest max_tokens taken (default: the context)")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    v.add_argument("--request-timeout", type=float, help="seconds a request may take before it is cancelled")
+    v.add_argument("--model-name", help="the model id clients use (default: the artifact's name)")
+    v.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    v.add_argument("--target", default="host", help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="talk to a model in the terminal, with its chat template",
+                        description="An interactive conversation: streaming replies, the history kept (earlier "
+                                    "turns are a reused prefix in the KV cache, not prefilled again). /reset starts "
+                                    "over, /exit leaves.")
+    ch.add_argument("model", nargs="?", help="artifact or checkpoint directory (default: the shipped model)")
+    ch.add_argument("--system", help="a system prompt")
+    ch.add_argument("--max-new-tokens", "-n", type=int, default=256, help="most tokens per reply (default 256)")
+    ch.add_argument("--temperature", type=float, help="default: the model's generation_config, else 0.8")
+    ch.add_argument("--seed", type=int)
+    ch.add_argument("--context", type=int, help="tokens of conversation kept (default: the model's maximum)")
+    ch.add_argument("--target", default="host", help=argparse.SUPPRESS)
+    ch.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("targets", help="list the target presets and what building for each needs installed")
     t.set_defaults(func=cmd_targets)

@@ -15,8 +15,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "bitcompile"
 
 # The runtime is what a device installs (requirements-device.txt): these are its only third-party
-# imports, and of TVM only the runtime's Python side.
-DEVICE_PACKAGES = {"numpy", "ml_dtypes", "tokenizers", "tvm", "tvm_ffi"}
+# imports, and of TVM only the runtime's Python side; the server adds its web stack.
+DEVICE_PACKAGES = {"numpy", "ml_dtypes", "tokenizers", "jinja2", "tvm", "tvm_ffi"}
+SERVER_PACKAGES = DEVICE_PACKAGES | {"starlette", "uvicorn", "prometheus_client"}
 TVM_RUNTIME_MODULES = ("tvm", "tvm.runtime", "tvm.base")
 # Of bitcompile itself, the runtime (and the server on top of it) may use only its own modules and
 # the model config (plain Python: what the manifest's "model" section parses into).
@@ -136,7 +137,8 @@ def runtime_violations(mods: dict[str, Path]) -> list[str]:
             elif top in ("tvm", "tvm_ffi"):
                 if top == "tvm" and imported not in TVM_RUNTIME_MODULES and not imported.startswith("tvm.runtime."):
                     bad.append(f"{name} imports {imported} (the TVM compiler)")
-            elif top not in sys.stdlib_module_names and top not in DEVICE_PACKAGES:
+            elif top not in sys.stdlib_module_names and top not in (
+                    SERVER_PACKAGES if _under(name, ("bitcompile.serve",)) else DEVICE_PACKAGES):
                 bad.append(f"{name} imports {imported} (not in requirements-device.txt)")
     return bad
 

@@ -156,9 +156,9 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
         if missing:
             raise RuntimeError(f"internal error: parameters {sorted(missing)} were not written")
         shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER)
-        tokenizer_config = model_dir / "tokenizer_config.json"
-        if tokenizer_config.is_file():
-            shutil.copyfile(tokenizer_config, tmp / tokenizer_config.name)
+        for extra in ("tokenizer_config.json", "generation_config.json"):  # chat template, generation defaults
+            if (model_dir / extra).is_file():
+                shutil.copyfile(model_dir / extra, tmp / extra)
         seal(tmp, {
             "target": {"name": spec.name, "tvm": spec.tvm, "requires": spec.requires()},
             "model": ckpt.config.to_dict(),

@@ -3,7 +3,8 @@
   manifest.json    format + version, target, model config, versions, params index, sha256 of every file
   model.so         the compiled library (code: never loaded before every hash checks out)
   params.bin       all parameters, raw little-endian, each aligned to 64 bytes (mmap-able, zero copy)
-  tokenizer.json   Hugging Face tokenizer (+ tokenizer_config.json when the checkpoint has one)
+  tokenizer.json   Hugging Face tokenizer (+ tokenizer_config.json: chat template, and
+                   generation_config.json: eos ids, sampling defaults, when the checkpoint has them)
 
 Imports only the standard library and numpy: the runtime uses it on devices without the compiler.
 """

@@ -27,6 +27,7 @@ from .artifact import (
     read_params,
     verify_files,
 )
+from .chat import ChatError, ChatTemplate, generation_defaults
 from .kv_cache import PAGE_SIZE, KVCache, pages_for
 from .machine import check_runnable
 from .sampling import Sampler, SamplingParams
@@ -101,6 +102,12 @@ class Engine:
         # H100); reuse is safe because every step ends by reading its logits back
         self._one_row = tvm.runtime.empty((1, 1, self._table["shape"][1]), "uint16", self.device)
         self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
+        self.chat_template = ChatTemplate.from_dir(self.path)
+        eos, self.generation_defaults = generation_defaults(self.path, self.config.vocab_size)
+        self.eos_token_ids = set(self.config.eos_token_ids) | set(eos)
+        if self.chat_template is not None:  # the token that ends a turn, where it is one token
+            turn_end = self.tokenizer.token_to_id(self.chat_template.eos_token) if self.chat_template.eos_token else None
+            self.eos_token_ids |= {turn_end} if turn_end is not None else set()
         shape = tvm.runtime.ShapeTuple
         # a step of the scheduler carries one prompt chunk plus one token of every other sequence
         handle = self._vm["create_kv_cache"](shape([max_batch]), shape([max_batch * self.context_length]),
@@ -269,7 +276,7 @@ class Engine:
         try:
             while True:
                 token = sampler(logits, ids + text.tokens)
-                if token in self.config.eos_token_ids:
+                if token in self.eos_token_ids:
                     yield text.finish()
                     return
                 last = len(text.tokens) + 1 >= max_new_tokens or self._cache_len + 1 >= self.context_length
@@ -287,22 +294,46 @@ class Engine:
         """The generated text (without the prompt); same arguments as `stream`."""
         return "".join(self.stream(prompt_or_ids, **kwargs))
 
+    # -- chat ----------------------------------------------------------------------------------------
+    def chat_prompt(self, messages) -> list[int]:
+        """The token ids of `messages` ([{role, content}], roles system/user/assistant) rendered with the
+        model's chat template, ending with the assistant's generation prompt."""
+        if self.chat_template is None:
+            raise ChatError(f"{self.path}: the model has no chat template (tokenizer_config.json has no "
+                            "chat_template); use plain completion (generate) instead")
+        ids = self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False).ids
+        self._check_prompt(ids)
+        return ids
+
+    def chat(self, messages, **sampling) -> str:
+        """The assistant's reply to `messages`; sampling as for `generate`, defaults from the model's
+        generation_config.json."""
+        return self.generate(self.chat_prompt(messages), **{**self.generation_defaults, **sampling})
+
     # -- many sequences: the scheduler ---------------------------------------------------------------
     def submit(self, prompt_or_ids: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None):
+               stop: str | Sequence[str] | None = None, logprobs: int | None = None, on_event=None):
         """Queue a request for the continuous-batching scheduler; returns its Request handle at once
-        (iterate it for text pieces; `.result()`, `.cancel()`, token counts and timings)."""
+        (iterate it for text pieces; `.result()`, `.cancel()`, token counts and timings).
+        logprobs: also record each generated token's log-probability and the `logprobs` most likely
+        tokens' at its position. on_event(kind, data): called on the engine thread for each text piece
+        ("piece", text) and at the end ("done", finish_reason), e.g. to wake an event loop."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         _check_int("max_new_tokens", max_new_tokens, 0, None, "")
+        _check_int("logprobs", logprobs, 0, 20, "", optional=True)
         stops = check_stops(stop)
         ids = self._ids(prompt_or_ids)
+        return self.scheduler().submit(ids, params, max_new_tokens, stops, logprobs, on_event)
+
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler, started on first use."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("the engine is closed: load the artifact again to submit requests")
             if self._scheduler is None:
                 self._scheduler = Scheduler(self)
-        return self._scheduler.submit(ids, params, max_new_tokens, stops)
+            return self._scheduler
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], **sampling) -> list[str]:
         """Every prompt's generated text, run as concurrent requests; same arguments as `submit`."""

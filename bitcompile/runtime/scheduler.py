@@ -16,6 +16,7 @@ again, until its pages are needed.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -45,7 +46,7 @@ class Request:
     as it runs (seconds, time.perf_counter clock)."""
 
     def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-                 stops: list[str], decode, wake):
+                 stops: list[str], decode, wake, logprobs: int | None = None, on_event=None):
         self.id = rid
         self.prompt_ids = prompt_ids
         self.params = params
@@ -63,6 +64,10 @@ class Request:
         self._done = threading.Event()
         self._cancelled = threading.Event()
         self._wake = wake
+        self._on_event = on_event  # called on the engine thread: ("piece", text) ... ("done", reason)
+        self.logprobs = logprobs  # None, or how many most likely tokens to report at each position
+        self.token_logprobs: list[float] = []  # log-probability of each generated token (with logprobs)
+        self.top_logprobs: list[dict[int, float]] = []
         # the engine thread's state
         self.prefilled = 0  # prompt tokens in the cache
         self.next_token: int | None = None  # sampled, not yet in the cache
@@ -125,6 +130,8 @@ class Request:
     def _show(self, piece: str):
         if piece:
             self._pieces.put(piece)
+            if self._on_event is not None:
+                self._on_event("piece", piece)
 
     def _finish(self, reason: str, error: BaseException | None = None):
         if self._done.is_set():
@@ -133,6 +140,8 @@ class Request:
         self.finished_at = time.perf_counter()
         self._pieces.put(None)
         self._done.set()
+        if self._on_event is not None:
+            self._on_event("done", reason)
 
 
 class Scheduler:
@@ -145,6 +154,7 @@ class Scheduler:
         self._running: list[Request] = []  # in the cache, in arrival order
         self._next_id = 1  # the cache's sequence 0 is the direct API's
         self._closed = False
+        self._calls: collections.deque = collections.deque()  # (function, future) to run between steps
         self.steps = 0
         self.prefilled_tokens = 0  # prompt tokens run through the model
         self.prefix_hits = 0  # requests that forked a cached prefix
@@ -154,7 +164,7 @@ class Scheduler:
 
     # -- any thread --------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-               stops: list[str]) -> Request:
+               stops: list[str], logprobs: int | None = None, on_event=None) -> Request:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed: load the artifact again to submit requests")
@@ -162,7 +172,7 @@ class Scheduler:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue="
                                      f"{self.engine.max_queue}); retry later, or load with a larger max_queue")
             request = Request(self._next_id, prompt_ids, params, max_new_tokens, stops, self.engine.decode,
-                              self._wake)
+                              self._wake, logprobs, on_event)
             self._next_id += 1
             if max_new_tokens == 0:
                 request._finish("length")
@@ -170,6 +180,17 @@ class Scheduler:
                 self._waiting.append(request)
                 self._cond.notify()
         return request
+
+    def call(self, function) -> concurrent.futures.Future:
+        """Run `function()` on the engine thread between two steps (model calls of the direct API, for
+        a server whose own threads must not make them); its result or exception comes in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed: load the artifact again to submit requests")
+            self._calls.append((function, future))
+            self._cond.notify()
+        return future
 
     def status(self) -> dict:
         """Queue length, running sequences, KV pages: what a server's metrics report."""
@@ -195,10 +216,17 @@ class Scheduler:
     def _loop(self):
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._running):
+                while not (self._closed or self._waiting or self._running or self._calls):
                     self._cond.wait()
                 if self._closed:
                     break
+                calls, self._calls = list(self._calls), collections.deque()
+            for function, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(function())
+                    except BaseException as error:  # the caller sees it
+                        future.set_exception(error)
             try:
                 if not self._step():
                     with self._cond:  # nothing could run (the direct API holds the room): wait for a change
@@ -213,8 +241,11 @@ class Scheduler:
                 self._end(request, "cancelled")
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            calls, self._calls = list(self._calls), collections.deque()
         for request in waiting:
             request._finish("cancelled")
+        for _, future in calls:
+            future.cancel()
 
     def _step(self) -> bool:
         """One model call for the running sequences; False when there was nothing to run."""
@@ -296,7 +327,9 @@ class Scheduler:
             self._end(request, "error", error)
             return
         request.token_times.append(time.perf_counter())
-        if token in self.engine.config.eos_token_ids:
+        if request.logprobs is not None:
+            _record_logprobs(request, logits, token)
+        if token in self.engine.eos_token_ids:
             request._show(request._text.finish())
             self._end(request, "stop")
             return
@@ -318,3 +351,18 @@ class Scheduler:
         if request in self._running:
             self._running.remove(request)
         request._finish(reason, error)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _record_logprobs(request: Request, logits: np.ndarray, token: int):
+    """The model's log-probabilities at this position (before sampling's penalties and temperature):
+    the chosen token's, and the `request.logprobs` most likely tokens'."""
+    lp = log_softmax(logits)
+    request.token_logprobs.append(float(lp[token]))
+    top = np.argsort(-lp)[: request.logprobs] if request.logprobs else []
+    request.top_logprobs.append({int(t): float(lp[t]) for t in top})

@@ -26,10 +26,29 @@ PRESETS = {
 FORMATS = ("autobitlinear", "bitlinear", "online")
 
 
+# The chat template of microsoft/bitnet-b1.58-2B-4T: "Role: content<|eot_id|>" turns after the BOS token,
+# "Assistant: " as the generation prompt.
+BITNET_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'] | capitalize + ': ' + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
 def _special_layout(vocab_size: int) -> tuple[int, int]:
     """(number of regular BPE tokens, number of special tokens) — LLaMA-3 style reserved block."""
-    specials = 256 if vocab_size > 4096 else 2
+    specials = 256 if vocab_size > 4096 else 3
     return vocab_size - specials, specials
+
+
+def _special_names(specials: int) -> list[str]:
+    """LLaMA-3's names: begin/end of text, then <|eot_id|> (at +9 in a full reserved block, as there)."""
+    if specials < 10:
+        return ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"][:specials]
+    names = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_{i}|>" for i in range(specials - 2)]
+    names[9] = "<|eot_id|>"
+    return names
 
 
 def make_tokenizer(vocab_size: int) -> dict:
@@ -53,8 +72,7 @@ def make_tokenizer(vocab_size: int) -> dict:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    names = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_{i}|>" for i in range(specials - 2)]
-    tok.add_special_tokens(names)
+    tok.add_special_tokens(_special_names(specials))
     return json.loads(tok.to_str())
 
 
@@ -118,7 +136,8 @@ def make_tensors(cfg: dict, fmt: str, seed: int, progress=None) -> dict[str, np.
 
 def write_checkpoint(out: str | Path, preset: str = "tiny", fmt: str = "autobitlinear", seed: int = 0,
                      overwrite: bool = False, progress=None, tokenizer: str | Path | None = None) -> Path:
-    """Write a random checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    """Write a random checkpoint directory (config.json, model.safetensors, tokenizer.json, and
+    tokenizer_config.json with BitNet-2B-4T's chat template, generation_config.json).
     `tokenizer`: a tokenizer.json to copy instead of building one."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -133,5 +152,10 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", fmt: str = "autobitl
         else:
             shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+            {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": BITNET_CHAT_TEMPLATE}))
+        regular, specials = _special_layout(cfg["vocab_size"])
+        eot = regular + _special_names(specials).index("<|eot_id|>")
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [cfg["eos_token_id"], eot], "do_sample": True,
+             "temperature": 0.6, "top_p": 0.9}))
     return Path(out)
