@@ -116,6 +116,7 @@ class Engine:
         self._lock = threading.RLock()  # one model call at a time: the scheduler's steps and the direct API
         self._cache_len: int | None = None  # tokens of the direct API's sequence in the cache
         self._scheduler = None
+        self._scheduler_lock = threading.Lock()
         self.closed = False
 
     def _on_device(self, array: np.ndarray):
@@ -328,7 +329,7 @@ class Engine:
 
     def scheduler(self) -> Scheduler:
         """The continuous-batching scheduler, started on first use."""
-        with self._lock:
+        with self._scheduler_lock:  # not the model lock: a step may hold that for a while
             if self.closed:
                 raise RuntimeError("the engine is closed: load the artifact again to submit requests")
             if self._scheduler is None:
@@ -342,7 +343,7 @@ class Engine:
 
     def close(self):
         """Stop the scheduler: waiting and running requests end as cancelled; later submits are refused."""
-        with self._lock:
+        with self._scheduler_lock:
             self.closed = True
             scheduler = self._scheduler
         if scheduler is not None:

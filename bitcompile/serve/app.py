@@ -101,7 +101,10 @@ class Server:
         prefix = prompt_text if echo else ""
         if stream:
             def chunk(text, reason, use=None):
-                return api.completion(rid, self.model, text, reason, None, use)
+                body = api.completion(rid, self.model, text, reason, None, use)
+                if use is not None:  # the usage chunk carries no choice
+                    body["choices"] = []
+                return body
             return self._sse(self._stream(rid, "/v1/completions", client, handle, events, chunk, prefix,
                                           include_usage))
         await self._wait(handle, events)

@@ -58,8 +58,8 @@ class RateLimiter:
     """Per client (API key, or address without keys): requests and tokens in the last minute.
     A request over either limit is refused with 429 and Retry-After (seconds until it would fit)."""
 
-    def __init__(self, requests_per_min: int | None, tokens_per_min: int | None):
-        self.requests_per_min, self.tokens_per_min = requests_per_min, tokens_per_min
+    def __init__(self, requests_per_min: int | None, tokens_per_min: int | None, window_s: float = WINDOW_S):
+        self.requests_per_min, self.tokens_per_min, self.window_s = requests_per_min, tokens_per_min, window_s
         self._lock = threading.Lock()
         self._requests: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -72,9 +72,9 @@ class RateLimiter:
         with self._lock:
             requests, tokens = self._expire(self._requests[client], now), self._expire(self._tokens[client], now)
             if self.requests_per_min is not None and len(requests) >= self.requests_per_min:
-                self._refuse(f"{self.requests_per_min} requests per minute", requests[0][0] + WINDOW_S - now)
+                self._refuse(f"{self.requests_per_min} requests per minute", requests[0][0] + self.window_s - now)
             if self.tokens_per_min is not None and sum(n for _, n in tokens) >= self.tokens_per_min:
-                self._refuse(f"{self.tokens_per_min} tokens per minute", tokens[0][0] + WINDOW_S - now)
+                self._refuse(f"{self.tokens_per_min} tokens per minute", tokens[0][0] + self.window_s - now)
             requests.append((now, 1))
 
     def spend(self, client: str, tokens: int, now: float | None = None):
@@ -83,9 +83,8 @@ class RateLimiter:
             with self._lock:
                 self._tokens[client].append((time.monotonic() if now is None else now, tokens))
 
-    @staticmethod
-    def _expire(window: collections.deque, now: float) -> collections.deque:
-        while window and window[0][0] <= now - WINDOW_S:
+    def _expire(self, window: collections.deque, now: float) -> collections.deque:
+        while window and window[0][0] <= now - self.window_s:
             window.popleft()
         return window
 
