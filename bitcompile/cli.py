@@ -147,8 +147,10 @@ def cmd_bench(args):
         raise ValueError("--prompt, --gen and --repeat must be positive")
     source = Path(args.model) if args.model else shipped_model()
     baseline = None if args.baseline == "none" else args.baseline
+    if args.http and not concurrency:
+        raise ValueError("--http compares the HTTP server with --concurrency N,...: give both")
     run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json, repeat=args.repeat,
-              concurrency=concurrency)
+              concurrency=concurrency, http=args.http)
 
 
 def _positive_ints(flag: str, text: str) -> list[int]:
@@ -309,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", metavar="N,N,...", help="also run N concurrent requests through the batching "
                    "scheduler (e.g. 1,4,8,16; all at once and staggered): aggregate decode tok/s, TTFT and "
                    "inter-token latency p50/p99, peak RSS, beside concurrency 1")
+    b.add_argument("--http", action="store_true", help="with --concurrency: also the same requests as streaming "
+                                                           "clients of `bitcompile serve` on loopback (the HTTP cost)")
     b.add_argument("--json", help="also write the results as JSON to this file")
     b.set_defaults(func=cmd_bench)
 

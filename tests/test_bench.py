@@ -45,8 +45,9 @@ def test_bench_concurrency_reports_what_tools_read(checkpoints, tmp_path, monkey
     monkeypatch.setenv("BITCOMPILE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
     main(["bench", str(checkpoints["autobitlinear"]), "--threads", "1", "--prompt", "16", "--gen", "12", "--repeat",
-          "1", "--baseline", "none", "--concurrency", "1,3", "--json", str(out)])
-    rows = json.loads(out.read_text())["concurrency"]
+          "1", "--baseline", "none", "--concurrency", "1,3", "--http", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["concurrency"]
     assert [(r["n"], r["mode"]) for r in rows] == [(1, "burst"), (3, "burst"), (3, "staggered")]
     for r in rows:
         for key in ("aggregate_decode_tok_s", "prefill_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
@@ -55,7 +56,11 @@ def test_bench_concurrency_reports_what_tools_read(checkpoints, tmp_path, monkey
         assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["itl_p50_s"] <= r["itl_p99_s"]
         assert r["prefix_hits"] == 0  # every request has its own prompt
     assert len({r["prefill_tok_s"] for r in rows}) == 1  # the single-sequence rate of this run, in every row
-    assert "concurrent requests" in capsys.readouterr().out
+    assert [r["n"] for r in report["http"]] == [1, 3]  # the same requests through `bitcompile serve`
+    for r in report["http"]:
+        assert r["throughput_tok_s"] > 0 and r["ttft_p50_s"] > 0 and r["peak_rss_mb"] > 0
+    table = capsys.readouterr().out
+    assert "concurrent requests" in table and "through the HTTP server" in table
 
 
 def test_bench_refuses_bad_concurrency(capsys):

@@ -118,9 +118,11 @@ def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, re
 
 
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
-              json_out: Path | None, repeat: int = 3, say=print, concurrency: list[int] | None = None) -> dict:
+              json_out: Path | None, repeat: int = 3, say=print, concurrency: list[int] | None = None,
+              http: bool = False) -> dict:
     """The engines' table (and the GEMV kernels alone); with `concurrency`, also N concurrent requests
-    through the batching scheduler (bench_concurrency.py) with the largest thread count."""
+    through the batching scheduler (bench_concurrency.py) with the largest thread count, and with
+    `http` the same through the HTTP server (bench_http.py)."""
     from ..compiler.cache import artifact_for
     from ..model.config import ModelConfig
     from ..paths import cache_dir
@@ -164,6 +166,10 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
         from .bench_concurrency import run_concurrency
 
         report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say)
+        if http:
+            from .bench_http import run_http
+
+            report["http"] = run_http(artifact, max(threads), concurrency, prompt, gen, say)
     say(format_table(report))
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2))
@@ -239,6 +245,10 @@ def format_table(report: dict) -> str:
         from .bench_concurrency import format_concurrency
 
         lines += format_concurrency(report["concurrency"], report["prompt"], report["gen"])
+    if report.get("http"):
+        from .bench_http import format_http
+
+        lines += format_http(report["http"], report["concurrency"])
     if report.get("kernels"):
         lines.append("decode GEMV kernels alone (weights streamed from memory, as scheduled by compile; "
                      "% of the read bandwidth measured between passes):")

@@ -49,7 +49,9 @@ def concurrency_worker(path: str, threads: int, n: int, mode: str, prompt: int, 
         h.result()
     status = engine._scheduler.status()
     engine.close()
+    last = max(h.token_times[-1] for h in handles)
     return {"n": n, "mode": mode, **_rates(handles, mode), "prefill_tok_s": prefill_tok_s,
+            "throughput_tok_s": sum(h.completion_tokens for h in handles) / (last - start),
             "peak_rss_mb": peak_rss_mb(), "prefix_hits": status["prefix_hits"], "steps": status["steps"],
             "duration_s": max(h.finished_at for h in handles) - start}
 
