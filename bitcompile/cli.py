@@ -129,11 +129,14 @@ def cmd_chat(args):
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in engine.submit(engine.chat_prompt(history), **sampling):  # earlier turns: a reused prefix
+        turn = engine.submit(engine.chat_prompt(history), **sampling)  # earlier turns: a reused prefix
+        for piece in turn:
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        print(f"[{turn.prompt_tokens} prompt tokens, {turn.prefix_reused} of them from the cache; "
+              f"{turn.completion_tokens} generated]", file=sys.stderr)
         history.append({"role": "assistant", "content": "".join(reply)})
     engine.close()
 

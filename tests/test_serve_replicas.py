@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import require
 
 import bitcompile
-from conftest import require
 
 NGINX_CONF = """daemon off;
 worker_processes 1;
