@@ -146,14 +146,14 @@ def cmd_bench(args):
 
     threads = _positive_ints("--threads", args.threads)
     concurrency = _positive_ints("--concurrency", args.concurrency) if args.concurrency else None
-    if args.prompt < 1 or args.gen < 1 or args.repeat < 1:
-        raise ValueError("--prompt, --gen and --repeat must be positive")
+    if args.prompt < 1 or args.gen < 1 or args.repeat < 1 or args.prefill_chunk < 1:
+        raise ValueError("--prompt, --gen, --repeat and --prefill-chunk must be positive")
     source = Path(args.model) if args.model else shipped_model()
     baseline = None if args.baseline == "none" else args.baseline
     if args.http and not concurrency:
         raise ValueError("--http compares the HTTP server with --concurrency N,...: give both")
     run_bench(source, threads, args.prompt, args.gen, baseline, args.head, args.json, repeat=args.repeat,
-              concurrency=concurrency, http=args.http)
+              concurrency=concurrency, http=args.http, prefill_chunk=args.prefill_chunk)
 
 
 def _positive_ints(flag: str, text: str) -> list[int]:
@@ -314,6 +314,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--concurrency", metavar="N,N,...", help="also run N concurrent requests through the batching "
                    "scheduler (e.g. 1,4,8,16; all at once and staggered): aggregate decode tok/s, TTFT and "
                    "inter-token latency p50/p99, peak RSS, beside concurrency 1")
+    b.add_argument("--prefill-chunk", type=int, default=128, help="with --concurrency: prompt tokens per step "
+                   "(default 128); smaller chunks delay running streams less, first tokens more")
     b.add_argument("--http", action="store_true", help="with --concurrency: also the same requests as streaming "
                                                            "clients of `bitcompile serve` on loopback (the HTTP cost)")
     b.add_argument("--json", help="also write the results as JSON to this file")

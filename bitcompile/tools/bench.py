@@ -119,7 +119,7 @@ def _median_run(engine: str, path: Path, threads: int, prompt: int, gen: int, re
 
 def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: str | None, head: str | None,
               json_out: Path | None, repeat: int = 3, say=print, concurrency: list[int] | None = None,
-              http: bool = False) -> dict:
+              http: bool = False, prefill_chunk: int = 128) -> dict:
     """The engines' table (and the GEMV kernels alone); with `concurrency`, also N concurrent requests
     through the batching scheduler (bench_concurrency.py) with the largest thread count, and with
     `http` the same through the HTTP server (bench_http.py)."""
@@ -165,7 +165,7 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     if concurrency:
         from .bench_concurrency import run_concurrency
 
-        report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say)
+        report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say, prefill_chunk)
         if http:
             from .bench_http import run_http
 

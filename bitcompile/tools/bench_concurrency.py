@@ -22,13 +22,14 @@ from .timing import fixed, in_subprocess, peak_rss_mb, prompt_ids
 MODES = ("burst", "staggered")
 
 
-def concurrency_worker(path: str, threads: int, n: int, mode: str, prompt: int, gen: int, gap_s: float) -> dict:
+def concurrency_worker(path: str, threads: int, n: int, mode: str, prompt: int, gen: int, gap_s: float,
+                       prefill_chunk: int = 128) -> dict:
     """Runs inside the subprocess: N requests through one engine; their latencies and rates."""
     os.environ["TVM_NUM_THREADS"] = str(threads)
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"  # as deployed: the runtime without the compiler
     from ..runtime.engine import Engine
 
-    engine = Engine(path, context_length=prompt + gen + 16, max_batch=n)
+    engine = Engine(path, context_length=prompt + gen + 16, max_batch=n, prefill_chunk=prefill_chunk)
     vocab = engine.config.vocab_size
     prompts = [[(t + 7919 * i) % min(vocab, 30000) for t in prompt_ids(vocab, prompt)] for i in range(n)]
     engine.submit(prompts[0][:8], max_new_tokens=2, temperature=0).result()  # warm up: first calls allocate
@@ -70,7 +71,8 @@ def _rates(handles, mode: str) -> dict:
             "itl_p99_s": float(np.percentile(gaps, 99)) if gaps else None}
 
 
-def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=print) -> list[dict]:
+def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=print,
+                    prefill_chunk: int = 128) -> list[dict]:
     """Concurrency 1 first (its request's lifetime spaces the staggered arrivals), then each N in both
     arrival modes; every row carries concurrency 1's prefill rate and its decode speedup over it."""
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
@@ -78,13 +80,13 @@ def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int
     def run(n: int, mode: str, gap: float) -> dict:
         say(f"running {n} concurrent request(s), {mode}...")
         return in_subprocess(__name__, "concurrency", [str(artifact), str(threads), str(n), mode, str(prompt),
-                                                       str(gen), str(gap)], env=env)
+                                                       str(gen), str(gap), str(prefill_chunk)], env=env)
 
     single = run(1, "burst", 0.0)
     rows = [single] + [run(n, mode, 0.0 if mode == "burst" else single["duration_s"] / n)
                        for n in ns if n != 1 for mode in MODES]
     for row in rows:
-        row["threads"] = threads
+        row["threads"], row["prefill_chunk"] = threads, prefill_chunk
         row["prefill_tok_s"] = single["prefill_tok_s"]  # the same run's single-sequence prefill rate
         ok = row["aggregate_decode_tok_s"] and single["aggregate_decode_tok_s"]
         row["vs_concurrency_1"] = row["aggregate_decode_tok_s"] / single["aggregate_decode_tok_s"] if ok else None
@@ -94,7 +96,8 @@ def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int
 def format_concurrency(rows: list[dict], prompt: int, gen: int) -> list[str]:
     head = (f"{'n':>3s} {'arrivals':9s} {'decode tok/s':>12s} {'x n=1':>6s} {'% prefill':>9s} {'TTFT p50/p99 s':>15s} "
             f"{'ITL p50/p99 ms':>15s} {'peak RSS MB':>11s} {'prefix hits':>11s}")
-    lines = [f"concurrent requests ({rows[0]['threads']} threads; prompt {prompt} tokens, {gen} generated each; "
+    lines = [f"concurrent requests ({rows[0]['threads']} threads; prompt {prompt} tokens in chunks of "
+             f"{rows[0]['prefill_chunk']}, {gen} generated each; "
              f"single-sequence prefill {rows[0]['prefill_tok_s']:.1f} tok/s):", head, "-" * len(head)]
     for r in rows:
         rate = r["aggregate_decode_tok_s"]
@@ -107,5 +110,6 @@ def format_concurrency(rows: list[dict], prompt: int, gen: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    path, threads, n, mode, prompt, gen, gap = sys.argv[1:8]
-    print(json.dumps(concurrency_worker(path, int(threads), int(n), mode, int(prompt), int(gen), float(gap))))
+    path, threads, n, mode, prompt, gen, gap, *chunk = sys.argv[1:9]
+    print(json.dumps(concurrency_worker(path, int(threads), int(n), mode, int(prompt), int(gen), float(gap),
+                                        *map(int, chunk))))

@@ -63,7 +63,9 @@ def run_http(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=p
         rows = []
         for n in ns:
             say(f"running {n} concurrent HTTP stream(s)...")
-            prompts = [[(t + 7919 * i) % min(vocab, 30000) for t in prompt_ids(vocab, prompt)] for i in range(n)]
+            # prompts of their own per run: the server keeps finished prompts as prefixes to reuse
+            prompts = [[(t + 7919 * (i + 1000 * n)) % min(vocab, 30000) for t in prompt_ids(vocab, prompt)]
+                       for i in range(n)]
             results = [None] * n
 
             def client(i):
