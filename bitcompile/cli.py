@@ -29,7 +29,7 @@ def cmd_compile(args):
 
     target = resolve_target(args.target, cpu=args.cpu, features=args.features)
     compile_model(args.model, target=target, output=args.output, overwrite=args.force, head=args.head,
-                  schedules=args.schedules, kv_cache=args.kv_cache)
+                  schedules=args.schedules, kv_cache=args.kv_cache, sign=args.sign)
 
 
 def cmd_tune(args):
@@ -44,15 +44,7 @@ def cmd_tune(args):
 
 
 def cmd_run(args):
-    from .compiler.cache import artifact_for
-
-    source = Path(args.model) if args.model else shipped_model()
-    artifact = artifact_for(source, args.target)
-    if "tvm" not in sys.modules:
-        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # nothing was compiled: load only the TVM runtime
-    from .runtime.engine import Engine
-
-    engine = Engine(artifact, context_length=args.context)
+    _, engine = _load_engine(args, context_length=args.context)
     prompt = args.prompt
     if not args.quiet:
         sys.stdout.write(prompt)
@@ -72,10 +64,27 @@ def _load_engine(args, **options):
     source = Path(args.model) if args.model else shipped_model()
     artifact = artifact_for(source, args.target)
     if "tvm" not in sys.modules:
-        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # nothing was compiled: load only the TVM runtime
     from .runtime.engine import Engine
 
-    return artifact, Engine(artifact, **options)
+    return artifact, Engine(artifact, trusted_keys=args.trust, **options)
+
+
+def cmd_keygen(args):
+    from .runtime.trust import fingerprint, keygen, load_public
+
+    private, public = keygen(args.output)
+    print(f"wrote {private} (keep it secret; mode 0600) and {public} (give it to those who load your artifacts)")
+    print(f"key fingerprint {fingerprint(load_public(public))}")
+
+
+def cmd_sign(args):
+    from .runtime.artifact import read_manifest, verify_files
+    from .runtime.trust import sign
+
+    artifact = Path(args.artifact)
+    verify_files(artifact, read_manifest(artifact))  # sign only what is intact
+    print(f"wrote {sign(artifact, args.key)}")
 
 
 def cmd_serve(args):
@@ -200,7 +209,13 @@ def cmd_info(args):
     print(f"built with    {m.get('versions')}")
     try:
         verify_files(path, m)
-        print("integrity     ok (every file matches its sha256)")
+        print("integrity     ok (the manifest's seal, and every file matches its sha256)")
+        if args.trust:
+            from .runtime.trust import verify
+
+            print(f"signature     ok (signed by trusted key {verify(path, args.trust)[:16]}…)")
+        else:
+            print(f"signature     {'present (check it with --trust PUBLIC.pem)' if (path / 'manifest.sig').is_file() else 'none'}")
     except ValueError as e:
         print(f"integrity     FAILED: {e}")
         sys.exit(1)
@@ -250,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
                    help="KV cache storage: f32 (exact) or f16 (half the memory per token); default f16 for "
                         "vocabularies >= 32000, else f32")
     c.add_argument("--force", action="store_true", help="replace an existing artifact")
+    c.add_argument("--sign", metavar="PRIVATE.pem", help="sign the artifact with this Ed25519 key "
+                                                         "(`bitcompile keygen`); loaders check it with --trust")
     c.add_argument("--schedules", metavar="DIR", help="tuning records to apply (default: the committed schedules/); "
                                                       "kernels without a matching record get the default schedule")
     c.set_defaults(func=cmd_compile)
@@ -293,6 +310,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--context", type=int, help="context length in tokens (default: the model's maximum)")
     r.add_argument("--target", default="host", help="target used when compiling a checkpoint (default host)")
     r.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, not the prompt")
+    r.add_argument("--trust", action="append", metavar="PUBLIC.pem", help="load only an artifact signed by this "
+                   "key (repeatable: any of them)")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="bitcompile vs ONNX Runtime: prefill/decode speed, memory, bandwidth",
@@ -337,6 +356,8 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe an artifact and check its integrity")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.add_argument("--trust", action="append", metavar="PUBLIC.pem", help="load only an artifact signed by this "
+                   "key (repeatable: any of them)")
     i.set_defaults(func=cmd_info)
 
     x = sub.add_parser("export-onnx", help="write the same model as an ONNX Runtime graph (the baseline)",
@@ -377,6 +398,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model-name", help="the model id clients use (default: the artifact's name)")
     v.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     v.add_argument("--target", default="host", help=argparse.SUPPRESS)
+    v.add_argument("--trust", action="append", metavar="PUBLIC.pem", help="load only an artifact signed by this "
+                   "key (repeatable: any of them)")
     v.set_defaults(func=cmd_serve)
 
     ch = sub.add_parser("chat", help="talk to a model in the terminal, with its chat template",
@@ -390,7 +413,20 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int)
     ch.add_argument("--context", type=int, help="tokens of conversation kept (default: the model's maximum)")
     ch.add_argument("--target", default="host", help=argparse.SUPPRESS)
+    ch.add_argument("--trust", action="append", metavar="PUBLIC.pem", help="load only an artifact signed by this "
+                   "key (repeatable: any of them)")
     ch.set_defaults(func=cmd_chat)
+
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts",
+                       description="Write DIR/private.pem (mode 0600: sign with it, keep it secret) and DIR/public.pem "
+                                   "(load with it: --trust DIR/public.pem, or bitcompile.load(..., trusted_keys=[...])).")
+    k.add_argument("--output", "-o", required=True, metavar="DIR", help="directory for the two key files")
+    k.set_defaults(func=cmd_keygen)
+
+    g = sub.add_parser("sign", help="sign an artifact (its sealed manifest) with a private key")
+    g.add_argument("artifact")
+    g.add_argument("--key", required=True, metavar="PRIVATE.pem", help="Ed25519 private key from `bitcompile keygen`")
+    g.set_defaults(func=cmd_sign)
 
     t = sub.add_parser("targets", help="list the target presets and what building for each needs installed")
     t.set_defaults(func=cmd_targets)

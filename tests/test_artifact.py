@@ -9,7 +9,7 @@ import pytest
 import bitcompile
 from bitcompile.compiler.targets import TargetError
 from bitcompile.model.config import CheckpointError
-from bitcompile.runtime.artifact import ArtifactError
+from bitcompile.runtime.artifact import ArtifactError, _sealed_text
 
 
 @pytest.fixture
@@ -20,14 +20,16 @@ def art(artifacts, tmp_path):
 
 
 def edit_manifest(d, fn):
+    """Change the manifest and seal it again (as someone who knows the format could): the checks after
+    the seal must hold on their own (test_trust.py: an unsealed edit is refused at the seal)."""
     m = json.loads((d / "manifest.json").read_text())
     fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+    (d / "manifest.json").write_text(_sealed_text(m))
 
 
 def test_manifest_describes_the_artifact(artifacts):
     m = json.loads((artifacts["autobitlinear"] / "manifest.json").read_text())
-    assert m["format"] == "bitcompile-artifact" and m["format_version"] == 3
+    assert m["format"] == "bitcompile-artifact" and m["format_version"] == 4
     assert set(m["files"]) >= {"model.so", "params.bin", "tokenizer.json"}
     assert all(len(h) == 64 for h in m["files"].values())
     assert m["target"]["name"] == "host" and m["target"]["tvm"]["kind"] == "llvm"
@@ -66,10 +68,10 @@ def test_foreign_directories_are_refused(tmp_path, checkpoints):
         bitcompile.load(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("version", [99, 1, 2])
+@pytest.mark.parametrize("version", [99, 1, 3])
 def test_other_format_versions_are_refused(art, version):
     edit_manifest(art, lambda m: m.update(format_version=version))
-    with pytest.raises(ArtifactError, match=f"artifact format version {version}, this bitcompile reads version 3; "
+    with pytest.raises(ArtifactError, match=f"artifact format version {version}, this bitcompile reads version 4; "
                                             "recompile the model"):
         bitcompile.load(art)
 

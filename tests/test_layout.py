@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bitcompile"
 
 # The runtime is what a device installs (requirements-device.txt): these are its only third-party
 # imports, and of TVM only the runtime's Python side; the server adds its web stack.
-DEVICE_PACKAGES = {"numpy", "ml_dtypes", "tokenizers", "jinja2", "tvm", "tvm_ffi"}
+DEVICE_PACKAGES = {"numpy", "ml_dtypes", "tokenizers", "jinja2", "cryptography", "tvm", "tvm_ffi"}
 SERVER_PACKAGES = DEVICE_PACKAGES | {"starlette", "uvicorn", "prometheus_client"}
 TVM_RUNTIME_MODULES = ("tvm", "tvm.runtime", "tvm.base")
 # Of bitcompile itself, the runtime (and the server on top of it) may use only its own modules and

@@ -86,3 +86,30 @@ def test_dotprod_artifact_past_the_gate_dies_of_sigill_on_cortex_a72(rpi5):
     assert out.returncode in (-signal.SIGILL, 128 + signal.SIGILL), (out.returncode, out.stderr[-2000:])
     out, _ = run_rpi5(UNGATED, rpi5)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+SIGNED = r"""
+import sys
+import bitcompile
+
+engine = bitcompile.load(sys.argv[1], trusted_keys=[sys.argv[2]])
+print(engine.signer, len(engine.generate("hi", max_new_tokens=4, temperature=0)) >= 0)
+"""
+
+
+def test_signed_rpi5_artifact_loads_with_its_key_in_the_runtime_only_chroot(rpi5, tmp_path):
+    import shutil
+
+    from bitcompile.runtime.trust import fingerprint, keygen, load_public, sign
+
+    signed = tmp_path / "signed.bitc"
+    shutil.copytree(rpi5, signed)
+    private, public = keygen(tmp_path / "keys")
+    sign(signed, private)
+    out, _ = qemu.run_python(SIGNED, ["{work}/art", "{work}/keys/public.pem"], {"art": signed, "keys": tmp_path / "keys"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == [fingerprint(load_public(public)), "True"]
+    other = keygen(tmp_path / "other")[1]
+    shutil.copy(other, tmp_path / "keys" / "other.pem")
+    out, _ = qemu.run_python(SIGNED, ["{work}/art", "{work}/keys/other.pem"], {"art": signed, "keys": tmp_path / "keys"})
+    assert out.returncode == 1 and "which is not among the trusted keys" in out.stderr

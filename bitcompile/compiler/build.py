@@ -107,13 +107,14 @@ def build_graph(config, spec: TargetSpec, head: str = "bf16", kv_cache: str = "f
 
 def compile_model(model_dir: str | Path, target: str = "host", output: str | Path | None = None,
                   overwrite: bool = False, progress: bool = True, head: str | None = None,
-                  schedules: str | Path | None = None, kv_cache: str | None = None) -> Path:
+                  schedules: str | Path | None = None, kv_cache: str | None = None,
+                  sign: str | Path | None = None) -> Path:
     """Compile a Hugging Face BitNet checkpoint directory into an artifact directory; return its path.
 
     `head`: lm_head storage ("bf16", "int8", "q4", "f32"; see model/head.py); default int8 for large vocabularies.
     `kv_cache`: "f32" or "f16" storage of the KV cache (default f16 for large vocabularies).
     `schedules`: folder of tuning records (default: the committed schedules/); kernels without a
-    matching record get the default schedule."""
+    matching record get the default schedule. `sign`: an Ed25519 private key (PEM) to sign the artifact with."""
     spec = resolve_target(target)
     fcompile = linker_for(spec)  # checks the target's toolchain before any work
     if head is not None:
@@ -169,5 +170,9 @@ def compile_model(model_dir: str | Path, target: str = "host", output: str | Pat
             "params": index,
             "param_order": param_order,
         })
+        if sign is not None:
+            from ..runtime.trust import sign as sign_artifact
+
+            sign_artifact(tmp, sign)
     say(f"compiled {model_dir} for {spec.name} in {time.time() - started:.1f} s -> {output}")
     return output

@@ -1,6 +1,8 @@
 """The compiled artifact on disk: one directory, described and sealed by manifest.json.
 
-  manifest.json    format + version, target, model config, versions, params index, sha256 of every file
+  manifest.json    format + version, target, model config, versions, params index, sha256 of every file,
+                   and last its seal: the sha256 of everything before it (any change to the file is seen)
+  manifest.sig     optional: an Ed25519 signature of manifest.json (trust.py)
   model.so         the compiled library (code: never loaded before every hash checks out)
   params.bin       all parameters, raw little-endian, each aligned to 64 bytes (mmap-able, zero copy)
   tokenizer.json   Hugging Face tokenizer (+ tokenizer_config.json: chat template, and
@@ -19,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "bitcompile-artifact"
-FORMAT_VERSION = 3  # 2: prefill/decode take the embedding rows the runtime reads, not token ids; 3: batch_decode, batch_prefill
+FORMAT_VERSION = 4  # 2: prefill/decode take the embedding rows the runtime reads, not token ids; 3: batch_decode,
+# batch_prefill; 4: the manifest is sealed
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 PARAMS = "params.bin"
 TOKENIZER = "tokenizer.json"
+SIGNATURE = "manifest.sig"
 ALIGN = 64
 
 
@@ -62,13 +66,19 @@ def read_params(path: Path, index: dict[str, dict], order: list[str]) -> list[np
     return arrays
 
 
+def _sealed_text(manifest: dict) -> str:
+    """manifest.json's exact text: the manifest without its seal, then the seal of that text."""
+    body = json.dumps({k: v for k, v in manifest.items() if k != "seal"}, indent=2)
+    return body[:-1] + f',\n  "seal": "{hashlib.sha256(body.encode()).hexdigest()}"\n}}'
+
+
 def seal(directory: Path, manifest: dict) -> dict:
-    """Hash every file in the directory into the manifest and write manifest.json last."""
-    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    """Hash every file in the directory into the manifest and write manifest.json last, sealed."""
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest,
                 "files": {name: sha256_file(directory / name) for name in files}}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+    (directory / MANIFEST).write_text(_sealed_text(manifest))
+    return json.loads((directory / MANIFEST).read_text())
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -90,6 +100,9 @@ def read_manifest(directory: str | Path) -> dict:
             f"{path}: artifact format version {version}, this bitcompile reads version {FORMAT_VERSION}; "
             "recompile the model with this bitcompile"
         )
+    if path.read_text() != _sealed_text(manifest):
+        raise ArtifactError(f"{path}: the manifest was modified after it was sealed, or is corrupt (its seal does "
+                            "not match its contents); copy the artifact again, or recompile the model")
     for key in ("files", "params", "param_order", "model", "target"):
         if key not in manifest:
             raise ArtifactError(f"{path}: manifest has no '{key}'; recompile the model")
@@ -111,3 +124,45 @@ def verify_files(directory: Path, manifest: dict):
         if sha256_file(path) != digest:
             raise ArtifactError(f"{directory}: {name} does not match its sha256 in {MANIFEST}; the artifact is "
                                 "corrupt or was modified, recompile the model")
+
+
+def expected_shapes(model: dict, head: str) -> dict[str, list[int]]:
+    """The parameter shapes the manifest's model config implies (the graph's parameters)."""
+    h, i, v = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
+    q = model["num_attention_heads"] * model["head_dim"]
+    kv = model["num_key_value_heads"] * model["head_dim"]
+    vp = -(-v // 16) * 16
+
+    def ternary(n, k):
+        return {"weight": [n // 16, k // 16, 64], "multiplier": [n]}
+
+    shapes = {"embed_tokens.weight": [v, h], "norm.weight": [h]}
+    for layer in range(model["num_hidden_layers"]):
+        p = f"layers.{layer}."
+        shapes |= {p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
+                   p + "self_attn.attn_sub_norm.weight": [q], p + "mlp.ffn_sub_norm.weight": [i]}
+        for name, (n, k) in {"self_attn.qkv_proj": (q + 2 * kv, h), "self_attn.o_proj": (h, q),
+                             "mlp.gate_up_proj": (2 * i, h), "mlp.down_proj": (h, i)}.items():
+            shapes |= {f"{p}{name}.{part}": shape for part, shape in ternary(n, k).items()}
+    heads = {"int8": {"lm_head.weight": [vp // 16, h // 4, 64], "lm_head.scale": [v]},
+             "q4": {"lm_head.weight": [vp // 16, h // 8, 64], "lm_head.scale": [vp // 16, h // 32, 16]},
+             "f32": {"lm_head.weight": [v, h]}, "bf16": {"lm_head.weight": [v, h]}}
+    if not (head == "bf16" and model.get("tie_word_embeddings", True)):
+        shapes |= heads.get(head, {})
+    return shapes
+
+
+def check_shapes(directory: Path, manifest: dict):
+    """The parameter index must be what the model config implies, name for name and shape for shape."""
+    try:
+        want = expected_shapes(manifest["model"], manifest.get("weights", {}).get("head", "bf16"))
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ArtifactError(f"{directory / MANIFEST}: the model config is incomplete ({e}); recompile the model") from None
+    have = {name: entry.get("shape") for name, entry in manifest["params"].items()}
+    wrong = [f"{name} is {have.get(name)}, the config implies {shape}" for name, shape in want.items()
+             if have.get(name) != shape]
+    extra = sorted(set(have) - set(want))
+    if wrong or extra or set(manifest["param_order"]) - set(have):
+        detail = "; ".join(wrong[:3] + [f"{name} is not a parameter of this model" for name in extra[:3]])
+        raise ArtifactError(f"{directory / MANIFEST}: the model config does not match the parameters ({detail}); "
+                            "the manifest was edited or is corrupt, recompile the model")

@@ -23,6 +23,7 @@ from .artifact import (
     PARAMS,
     TOKENIZER,
     ArtifactError,
+    check_shapes,
     read_manifest,
     read_params,
     verify_files,
@@ -65,15 +66,23 @@ class Engine:
     and tests rely on. Thread-safe: model calls take turns on one lock."""
 
     def __init__(self, path: str | Path, context_length: int | None = None, prefill_chunk: int = 128,
-                 max_batch: int = 1, max_queue: int = 1024):
+                 max_batch: int = 1, max_queue: int = 1024, trusted_keys=None):
         """context_length: tokens per sequence (prompt + generated; default the model's maximum).
         max_batch: sequences the KV cache holds at once (the direct API's one included); its memory is
         max_batch x context_length tokens. prefill_chunk: prompt tokens per model call (128 measured as
         fast as 256 on the 2B shape, with 43 MB less memory for the intermediate activations).
-        max_queue: submitted requests that may wait for room before `submit` refuses more."""
+        max_queue: submitted requests that may wait for room before `submit` refuses more.
+        trusted_keys: Ed25519 public keys (PEM paths or bytes); when given, the artifact must be signed by
+        one of them (trust.py). Everything is checked before the library is loaded."""
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path)  # its seal: any change to the manifest is refused
+        self.signer = None
+        if trusted_keys:
+            from .trust import verify
+
+            self.signer = verify(self.path, trusted_keys)
         verify_files(self.path, self.manifest)
+        check_shapes(self.path, self.manifest)
         target = self.manifest["target"]
         check_runnable(target["requires"], target["name"])
         self.config = ModelConfig.from_dict(self.manifest["model"])
