@@ -37,6 +37,8 @@ def cmd_tune(args):
 
     if args.trials < 1:
         raise ValueError("--trials must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be a positive integer")
     for row in tune(args.model, target=args.target, trials=args.trials, head=args.head, schedules=args.schedules,
                     only=args.kernel, threads=args.threads, rpc=args.rpc, key=args.key):
         knobs = " ".join(f"{k}={v}" for k, v in row["knobs"].items())
@@ -120,6 +122,11 @@ def cmd_chat(args):
     sampling = {**engine.generation_defaults, "max_new_tokens": args.max_new_tokens,
                 **({"temperature": args.temperature} if args.temperature is not None else {}),
                 **({"seed": args.seed} if args.seed is not None else {})}
+    from .runtime.sampling import SamplingParams
+
+    SamplingParams(**{k: v for k, v in sampling.items() if k in ("temperature", "top_p", "seed")})
+    if args.max_new_tokens < 0:
+        raise ValueError(f"invalid max_new_tokens={args.max_new_tokens}: must be an integer >= 0")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print("chat: /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)

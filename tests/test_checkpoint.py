@@ -71,12 +71,12 @@ def test_rope_theta_in_both_spellings(ckpt_dir):
 
 @pytest.mark.parametrize("change, message", [
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "unknown architecture.*LlamaForCausalLM"),
-    ({"hidden_act": "silu"}, "hidden_act 'silu' is not supported, expected 'relu2'"),
+    ({"hidden_act": "silu"}, "'hidden_act' is 'silu'; expected one of 'relu2'"),
     ({"hidden_size": None}, "missing key 'hidden_size'"),
     ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "quant_method is 'gptq', expected 'bitnet'"),
-    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "fancy"}}, "linear_class 'fancy' is unknown"),
-    ({"rope_parameters": {"rope_theta": 1.0, "rope_type": "yarn"}}, "rope_type 'yarn' is not supported"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "'quantization_config.quant_method' is 'gptq'; expected one of 'bitnet'"),
+    ({"quantization_config": {"quant_method": "bitnet", "linear_class": "fancy"}}, "'quantization_config.linear_class' is 'fancy'; expected one of 'autobitlinear', 'bitlinear'"),
+    ({"rope_parameters": {"rope_theta": 1.0, "rope_type": "yarn"}}, "'rope_parameters.rope_type' is 'yarn'; expected one of 'default'"),
     ({"intermediate_size": 120}, "intermediate_size = 120 must be a multiple of 16"),
 ])
 def test_bad_config_is_named(ckpt_dir, change, message):

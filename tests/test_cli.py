@@ -40,6 +40,28 @@ def test_run_compiles_a_checkpoint_once_into_the_cache(checkpoints, tmp_path, mo
     (["run", "{art}", "-p", "x", "--top-p", "2"], "invalid top_p=2.0"),
     (["compile", "{tmp}/none", "-o", "{tmp}/y"], "no config.json"),
     (["info", "{tmp}"], "no manifest.json"),
+    # the numbers a user types: NaN, infinities, huge and negative values, named with the rule
+    (["run", "{art}", "-p", "x", "--temperature", "nan"], "invalid temperature=nan"),
+    (["run", "{art}", "-p", "x", "--temperature", "inf"], "invalid temperature=inf"),
+    (["run", "{art}", "-p", "x", "--top-p", "nan"], "invalid top_p=nan"),
+    (["run", "{art}", "-p", "x", "--repetition-penalty=-inf"], "invalid repetition_penalty=-inf"),
+    (["run", "{art}", "-p", "x", "--top-k", "-1"], "invalid top_k=-1"),
+    (["run", "{art}", "-p", "x", "--seed", "-5"], "invalid seed=-5"),
+    (["run", "{art}", "-p", "x", "-n", "-3"], "invalid max_new_tokens=-3"),
+    (["run", "{art}", "-p", "x", "--context", "99999999999"], "invalid context_length=99999999999: must be an integer in 1..256"),
+    (["run", "{art}", "-p", "x", "--context", "0"], "invalid context_length=0"),
+    (["serve", "{art}", "--port", "70000"], "--port 70000: must be in 1..65535"),
+    (["serve", "{art}", "--max-batch", "0"], "--max-batch 0: must be a positive integer"),
+    (["serve", "{art}", "--max-batch", "100000"], "invalid max_batch=100000"),
+    (["serve", "{art}", "--request-timeout", "nan"], "--request-timeout nan: must be a positive number"),
+    (["serve", "{art}", "--rate-limit", "lots"], "--rate-limit 'lots': give a positive count per minute"),
+    (["serve", "{art}", "--api-key-file", "{tmp}/none"], "--api-key-file"),
+    (["bench", "{art}", "--threads", "0"], "--threads '0': give comma-separated positive integers"),
+    (["bench", "{art}", "--prompt", "0"], "--prompt, --gen, --repeat and --prefill-chunk must be positive"),
+    (["tune", "{ckpt}", "--trials", "0"], "--trials must be at least 1"),
+    (["tune", "{ckpt}", "--threads", "-2"], "--threads -2: must be a positive integer"),
+    (["chat", "{art}", "-n", "-1"], "invalid max_new_tokens=-1"),
+    (["chat", "{art}", "--temperature", "nan"], "invalid temperature=nan"),
 ])
 def test_errors_name_the_problem(args, message, checkpoints, artifacts, tmp_path, capsys):
     fill = {"ckpt": checkpoints["autobitlinear"], "tmp": tmp_path, "art": artifacts["autobitlinear"]}

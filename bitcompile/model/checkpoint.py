@@ -91,7 +91,7 @@ class _TensorFile:
             shards = {name: model_dir / f for name, f in weight_map.items()}
         else:
             raise CheckpointError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json)")
-        self.where = single.name if None in shards else index.name
+        self.where = str(single if None in shards else index)
         self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}
         for path in set(shards.values()):
@@ -109,13 +109,19 @@ class _TensorFile:
         if name not in self._file_of:
             raise CheckpointError(f"{self.where}: missing tensor '{name}'")
         handle = self._handles[self._file_of[name]]
-        meta = handle.get_slice(name)
-        dtype, got_shape = meta.get_dtype(), tuple(meta.get_shape())
+        try:
+            meta = handle.get_slice(name)
+            dtype, got_shape = meta.get_dtype(), tuple(meta.get_shape())
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{self._file_of[name]}: tensor '{name}' cannot be read ({e})") from None
         if dtype not in dtypes:
             raise CheckpointError(f"{self.where}: tensor '{name}' has dtype {dtype}, expected {' or '.join(sorted(dtypes))}")
         if got_shape != tuple(shape):
             raise CheckpointError(f"{self.where}: tensor '{name}' has shape {list(got_shape)}, expected {list(shape)}")
-        return handle.get_tensor(name)
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # a header whose offsets do not fit the file
+            raise CheckpointError(f"{self._file_of[name]}: tensor '{name}' cannot be read ({e})") from None
 
     def has(self, name: str) -> bool:
         return name in self._file_of
@@ -149,11 +155,12 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x if x.dtype == ml_dtypes.bfloat16 else x.astype(np.float32).astype(ml_dtypes.bfloat16))
 
 
-def _check_divisible(cfg: ModelConfig):
+def _check_divisible(cfg: ModelConfig, where: Path):
     for name, value in (("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size),
-                        ("num_key_value_heads * head_dim", cfg.kv_size)):
+                        ("num_key_value_heads * head_dim", cfg.kv_size),
+                        ("num_attention_heads * head_dim", cfg.q_size)):
         if value % 16:
-            raise CheckpointError(f"config.json: {name} = {value} must be a multiple of 16 for the ternary kernels")
+            raise CheckpointError(f"{where}: {name} = {value} must be a multiple of 16 for the ternary kernels")
 
 
 def load_checkpoint(model_dir: str | Path, progress=None) -> Checkpoint:
@@ -162,7 +169,8 @@ def load_checkpoint(model_dir: str | Path, progress=None) -> Checkpoint:
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory (expected a Hugging Face BitNet checkpoint)")
     cfg = load_config(model_dir)
-    _check_divisible(cfg)
+    _check_divisible(cfg, model_dir / "config.json")
+    _check_chat_files(model_dir, cfg)
     tokenizer_path = model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{model_dir}: no tokenizer.json (the tokenizer is part of the checkpoint)")
@@ -188,6 +196,17 @@ def load_checkpoint(model_dir: str | Path, progress=None) -> Checkpoint:
             progress(1)
     _check_tokenizer(tokenizer_path, cfg)
     return Checkpoint(cfg, embed, final_norm, layers, lm_head, tokenizer_path, model_dir)
+
+
+def _check_chat_files(model_dir: Path, cfg: ModelConfig):
+    """tokenizer_config.json (the chat template) and generation_config.json, as the runtime reads them."""
+    from ..runtime.chat import ChatError, ChatTemplate, generation_defaults
+
+    try:
+        ChatTemplate.from_dir(model_dir)
+        generation_defaults(model_dir, cfg.vocab_size)
+    except ChatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _check_tokenizer(path: Path, cfg: ModelConfig):

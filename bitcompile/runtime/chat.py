@@ -30,7 +30,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ChatError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -68,6 +68,12 @@ class ChatTemplate:
         """The template of tokenizer_config.json in `directory`; None when there is none."""
         config = _read_json(directory / "tokenizer_config.json")
         template = config.get("chat_template")
+        for key in ("bos_token", "eos_token"):
+            if config.get(key) is not None and not isinstance(config[key], (str, dict)):
+                raise ChatError(f"{directory / 'tokenizer_config.json'}: '{key}' is {config[key]!r}; expected a string")
+        if template is not None and not isinstance(template, (str, list)):
+            raise ChatError(f"{directory / 'tokenizer_config.json'}: 'chat_template' is {template!r}; expected a "
+                            "Jinja2 template string")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if isinstance(t, dict)
                              and t.get("name") == "default"), None)
@@ -108,10 +114,15 @@ def generation_defaults(directory: Path, vocab_size: int) -> tuple[list[int], di
         raise ChatError(f"{directory / 'generation_config.json'}: eos_token_id must be a token id or a list of "
                         f"token ids in 0..{vocab_size - 1}, got {config.get('eos_token_id')!r}")
     defaults = {}
-    for key in ("temperature", "top_p"):
+    for key, high in (("temperature", 100.0), ("top_p", 1.0)):
         value = config.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            defaults[key] = float(value)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high \
+                or (key == "top_p" and value == 0):
+            raise ChatError(f"{directory / 'generation_config.json'}: '{key}' is {value!r}; expected a number in "
+                            f"{'(0' if key == 'top_p' else '[0'}, {high:g}]")
+        defaults[key] = float(value)
     if config.get("do_sample") is False:
         defaults["temperature"] = 0.0
     return eos, defaults

@@ -110,9 +110,15 @@ class Engine:
         # and freeing the last one a cudaFree, which waits for the whole GPU (0.7 ms a step on the
         # H100); reuse is safe because every step ends by reading its logits back
         self._one_row = tvm.runtime.empty((1, 1, self._table["shape"][1]), "uint16", self.device)
-        self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
-        self.chat_template = ChatTemplate.from_dir(self.path)
-        eos, self.generation_defaults = generation_defaults(self.path, self.config.vocab_size)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path / TOKENIZER))
+        except Exception as e:  # the tokenizers library's own error types
+            raise ArtifactError(f"{self.path / TOKENIZER}: not a valid tokenizer ({e}); recompile the model") from None
+        try:  # the chat template and generation defaults, read as the checkpoint check read them
+            self.chat_template = ChatTemplate.from_dir(self.path)
+            eos, self.generation_defaults = generation_defaults(self.path, self.config.vocab_size)
+        except ChatError as e:
+            raise ArtifactError(str(e)) from None
         self.eos_token_ids = set(self.config.eos_token_ids) | set(eos)
         if self.chat_template is not None:  # the token that ends a turn, where it is one token
             turn_end = self.tokenizer.token_to_id(self.chat_template.eos_token) if self.chat_template.eos_token else None

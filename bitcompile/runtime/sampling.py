@@ -49,7 +49,7 @@ class Sampler:
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        logits /= p.temperature
+        logits = (logits - logits.max()) / p.temperature  # max first: a tiny temperature gives -inf, not inf - inf
         if 0 < p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf

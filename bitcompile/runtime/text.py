@@ -6,9 +6,11 @@ from collections.abc import Callable, Sequence
 
 
 def check_stops(stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stops):
-        raise ValueError(f"invalid stop={stop!r}: stop strings must be non-empty strings")
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
+    if stop is None:
+        return []
+    if not isinstance(stops, list) or any(not isinstance(s, str) or not s for s in stops):
+        raise ValueError(f"invalid stop={stop!r}: stop strings must be non-empty strings (a string or a list of them)")
     return stops
 
 
