@@ -77,3 +77,11 @@ def test_sampler_rules():
     assert top2 == {1, 2}
     # a penalty of 2 halves token 1's positive logit (1.5 < 2.0): greedy moves to token 2
     assert Sampler(SamplingParams(temperature=0, repetition_penalty=2.0))(logits, [1]) == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1e-300}, {"repetition_penalty": 3.5e-308, "temperature": 1.0},
+                                    {"repetition_penalty": 1e300, "temperature": 1e-300}])
+def test_extreme_sampling_values_still_sample(engine, kwargs):
+    """Found by tests/test_fuzz.py: a tiny temperature or penalty overflowed the logits to inf - inf = NaN."""
+    assert isinstance(engine.generate("abc", max_new_tokens=6, seed=0, repetition_penalty=kwargs.pop(
+        "repetition_penalty", 1.0), **kwargs), str)

@@ -41,12 +41,18 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, context: list[int]) -> int:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # extremes end as +-inf, handled
+            return self._sample(logits, context)
+
+    def _sample(self, logits: np.ndarray, context: list[int]) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float64).copy()
         if p.repetition_penalty != 1.0 and context:
             seen = np.unique(np.asarray(context))
             vals = logits[seen]
             logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            # an extreme penalty overflows: the largest finite logit still ranks first, nothing is NaN
+            logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
         if p.temperature == 0:
             return int(np.argmax(logits))
         logits = (logits - logits.max()) / p.temperature  # max first: a tiny temperature gives -inf, not inf - inf
