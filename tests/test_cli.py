@@ -54,6 +54,7 @@ def test_run_compiles_a_checkpoint_once_into_the_cache(checkpoints, tmp_path, mo
     (["serve", "{art}", "--max-batch", "0"], "--max-batch 0: must be a positive integer"),
     (["serve", "{art}", "--max-batch", "100000"], "invalid max_batch=100000"),
     (["serve", "{art}", "--request-timeout", "nan"], "--request-timeout nan: must be a positive number"),
+    (["serve", "{art}", "--prefill-chunk", "0"], "--prefill-chunk 0: must be a positive integer"),
     (["serve", "{art}", "--rate-limit", "lots"], "--rate-limit 'lots': give a positive count per minute"),
     (["serve", "{art}", "--api-key-file", "{tmp}/none"], "--api-key-file"),
     (["bench", "{art}", "--threads", "0"], "--threads '0': give comma-separated positive integers"),
