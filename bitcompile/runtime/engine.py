@@ -276,11 +276,15 @@ class Engine:
                top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None) -> Iterator[str]:
         """Yield the generated text piece by piece (the prompt is not repeated)."""
+        ids, params, stops = self._request(prompt_or_ids, max_new_tokens, temperature, top_k, top_p,
+                                           repetition_penalty, seed, stop)
+        return self._stream(ids, max_new_tokens, Sampler(params), stops)
+
+    def _request(self, prompt_or_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop):
+        """A request's arguments checked, each refusal naming the value: (prompt ids, sampling, stops)."""
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         _check_int("max_new_tokens", max_new_tokens, 0, None, "")
-        stops = check_stops(stop)
-        ids = self._ids(prompt_or_ids)
-        return self._stream(ids, max_new_tokens, Sampler(params), stops)
+        return self._ids(prompt_or_ids), params, check_stops(stop)
 
     def _stream(self, ids: list[int], max_new_tokens: int, sampler: Sampler, stops: list[str]) -> Iterator[str]:
         if max_new_tokens == 0:
@@ -292,14 +296,11 @@ class Engine:
         try:
             while True:
                 token = sampler(logits, ids + text.tokens)
-                if token in self.eos_token_ids:
-                    yield text.finish()
-                    return
                 last = len(text.tokens) + 1 >= max_new_tokens or self._cache_len + 1 >= self.context_length
-                piece = text.push(token, last)
+                piece, ended = text.take(token, self.eos_token_ids, last)
                 if piece:
                     yield piece
-                if last or text.stopped:
+                if ended:
                     return
                 logits = self.step(token)
         finally:
@@ -335,11 +336,9 @@ class Engine:
         logprobs: also record each generated token's log-probability and the `logprobs` most likely
         tokens' at its position. on_event(kind, data): called on the engine thread for each text piece
         ("piece", text) and at the end ("done", finish_reason), e.g. to wake an event loop."""
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        _check_int("max_new_tokens", max_new_tokens, 0, None, "")
+        ids, params, stops = self._request(prompt_or_ids, max_new_tokens, temperature, top_k, top_p,
+                                           repetition_penalty, seed, stop)
         _check_int("logprobs", logprobs, 0, 20, "", optional=True)
-        stops = check_stops(stop)
-        ids = self._ids(prompt_or_ids)
         return self.scheduler().submit(ids, params, max_new_tokens, stops, logprobs, on_event)
 
     def scheduler(self) -> Scheduler:

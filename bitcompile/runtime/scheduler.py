@@ -329,17 +329,12 @@ class Scheduler:
         request.token_times.append(time.perf_counter())
         if request.logprobs is not None:
             _record_logprobs(request, logits, token)
-        if token in self.engine.eos_token_ids:
-            request._show(request._text.finish())
-            self._end(request, "stop")
-            return
         count = len(request._text.tokens) + 1
         last = count >= request.max_new_tokens or len(request.prompt_ids) + count >= self.engine.context_length
-        request._show(request._text.push(token, last))
-        if request._text.stopped:
-            self._end(request, "stop")
-        elif last:
-            self._end(request, "length")
+        piece, ended = request._text.take(token, self.engine.eos_token_ids, last)
+        request._show(piece)
+        if ended:
+            self._end(request, ended)
         else:
             request.next_token = token
 

@@ -34,6 +34,15 @@ class TextStream:
         end = cut if cut is not None else (len(text) if last else _safe_end(text, self.stops))
         return self._show(text, end)
 
+    def take(self, token: int, eos_ids, last: bool) -> tuple[str, str | None]:
+        """A sampled token: (the text to show now, why generation ends here or None). An end-of-sequence
+        token ends it ("stop") and shows the held-back rest; so does a stop string; `last` (no room or
+        no tokens left) ends it as "length"."""
+        if token in eos_ids:
+            return self.finish(), "stop"
+        piece = self.push(token, last)
+        return piece, "stop" if self.stopped else "length" if last else None
+
     def finish(self) -> str:
         """The held-back rest when generation ends without a new token (eos, cancel)."""
         if self.stopped or not self.tokens:
