@@ -3,7 +3,6 @@ client will not send). Every served result is checked against the engine called 
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ import bitcompile
 from bitcompile.runtime.scheduler import log_softmax
 from bitcompile.serve.app import Server
 from bitcompile.serve.limits import RateLimiter
+from bitcompile.tools.bench_http import free_port
 
 
 class Running:
@@ -25,9 +25,7 @@ class Running:
     def __init__(self, artifact, engine_options=None, **options):
         self.engine = bitcompile.load(artifact, **{"max_batch": 8, **(engine_options or {})})
         self.server = Server(self.engine, "tiny", **options)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uvicorn = uvicorn.Server(uvicorn.Config(self.server.app(), host="127.0.0.1", port=self.port,
                                                      log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)

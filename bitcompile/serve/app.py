@@ -83,14 +83,12 @@ class Server:
         api.check_model(body, self.model)
         prompt = api.completion_prompt(body, self.engine.config.vocab_size)
         options = api.sampling(body, self.engine.generation_defaults, self.max_tokens_limit, 16)
-        echo = api._boolean(body, "echo", False)
+        echo = api.boolean(body, "echo", False)
         logprobs = api.logprobs_field(body)
         stream, include_usage = api.stream_fields(body)
         ids = self._prompt_ids(prompt, "prompt")
         prompt_text = self.engine.decode(ids) if isinstance(prompt, list) else prompt
-        echoed = None
-        if echo:
-            echoed = await self._prompt_logprobs(ids, logprobs) if logprobs is not None else None
+        echoed = await self._prompt_logprobs(ids, logprobs) if echo and logprobs is not None else None
         if options["max_new_tokens"] == 0:
             self.limiter.spend(client, len(ids))
             self.metrics.prompt_tokens.inc(len(ids))

@@ -49,7 +49,7 @@ def _integer(body: dict, name: str, default, low: int, high: int | None):
     return value
 
 
-def _boolean(body: dict, name: str, default: bool) -> bool:
+def boolean(body: dict, name: str, default: bool) -> bool:
     value = body.get(name, default)
     if value is None:
         return default
@@ -154,7 +154,7 @@ def logprobs_field(body: dict) -> int | None:
 
 def stream_fields(body: dict) -> tuple[bool, bool]:
     """(stream, include usage in a last chunk)."""
-    stream = _boolean(body, "stream", False)
+    stream = boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "must be an object", "invalid_type")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .timing import fixed, in_subprocess, peak_rss_mb, prompt_ids
+from .timing import fixed, in_subprocess, own_prompt, peak_rss_mb
 
 MODES = ("burst", "staggered")
 
@@ -31,7 +31,7 @@ def concurrency_worker(path: str, threads: int, n: int, mode: str, prompt: int, 
 
     engine = Engine(path, context_length=prompt + gen + 16, max_batch=n, prefill_chunk=prefill_chunk)
     vocab = engine.config.vocab_size
-    prompts = [[(t + 7919 * i) % min(vocab, 30000) for t in prompt_ids(vocab, prompt)] for i in range(n)]
+    prompts = [own_prompt(vocab, prompt, i) for i in range(n)]
     engine.submit(prompts[0][:8], max_new_tokens=2, temperature=0).result()  # warm up: first calls allocate
     engine.drop_prefixes()
     start = time.perf_counter()

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .timing import prompt_ids
+from .timing import own_prompt, prompt_ids
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +50,7 @@ def _stream(url: str, prompt: list[int], gen: int) -> dict:
 
 def run_http(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=print) -> list[dict]:
     """Start the server (max batch: the largest N), then N streaming clients at once for each N."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "TVM_USE_RUNTIME_LIB": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -57,15 +58,14 @@ def run_http(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=p
                                "--max-batch", str(max(ns)), "--context", str(prompt + gen + 16)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_healthy(url, server)
+        wait_healthy(url, server)
         vocab = json.loads((Path(artifact) / "manifest.json").read_text())["model"]["vocab_size"]
         _stream(url, prompt_ids(vocab, 8), 2)  # warm up
         rows = []
         for n in ns:
             say(f"running {n} concurrent HTTP stream(s)...")
             # prompts of their own per run: the server keeps finished prompts as prefixes to reuse
-            prompts = [[(t + 7919 * (i + 1000 * n)) % min(vocab, 30000) for t in prompt_ids(vocab, prompt)]
-                       for i in range(n)]
+            prompts = [own_prompt(vocab, prompt, i + 1000 * n) for i in range(n)]
             results = [None] * n
 
             def client(i):
@@ -94,13 +94,15 @@ def _http_rates(results: list[dict]) -> dict:
             "itl_p99_s": float(np.percentile(gaps, 99)) if gaps else None}
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300):
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 300):
+    """Until GET url/health answers 200 (a server's readiness); RuntimeError if it exits or times out."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the HTTP server exited with {server.returncode}")
+            said = server.stderr.read().decode()[-2000:] if server.stderr else ""
+            raise RuntimeError(f"the HTTP server exited with {server.returncode}\n{said}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return

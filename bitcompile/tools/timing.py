@@ -31,6 +31,12 @@ def read_pass(pool, data: np.ndarray, threads: int) -> float:
     return data.nbytes / (time.perf_counter() - start) / 1e9
 
 
+def own_prompt(vocab_size: int, n: int, index: int) -> list[int]:
+    """Prompt number `index` of a run: n tokens no other index shares (a server would reuse a shared
+    start as a cached prefix)."""
+    return [(t + 7919 * index) % min(vocab_size, 30000) for t in prompt_ids(vocab_size, n)]
+
+
 def prompt_ids(vocab_size: int, n: int) -> list[int]:
     return np.random.default_rng(0).integers(0, min(vocab_size, 30000), n).tolist()
 
