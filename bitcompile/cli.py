@@ -219,12 +219,14 @@ def cmd_info(args):
     try:
         verify_files(path, m)
         print("integrity     ok (the manifest's seal, and every file matches its sha256)")
-        if args.trust:
-            from .runtime.trust import verify
+        from .runtime.trust import signer_of, verify
 
-            print(f"signature     ok (signed by trusted key {verify(path, args.trust)[:16]}…)")
+        if args.trust:
+            print(f"signature     ok (signed by trusted key {verify(path, args.trust)})")
+        elif signer_of(path):
+            print(f"signature     signed by key {signer_of(path)} (check it with --trust PUBLIC.pem)")
         else:
-            print(f"signature     {'present (check it with --trust PUBLIC.pem)' if (path / 'manifest.sig').is_file() else 'none'}")
+            print("signature     none (unsigned)")
     except ValueError as e:
         print(f"integrity     FAILED: {e}")
         sys.exit(1)

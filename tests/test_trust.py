@@ -12,7 +12,7 @@ import pytest
 import bitcompile
 from bitcompile.cli import main
 from bitcompile.runtime.artifact import LIBRARY, MANIFEST, ArtifactError, _sealed_text
-from bitcompile.runtime.trust import TrustError, keygen, sign
+from bitcompile.runtime.trust import TrustError, fingerprint, keygen, load_public, sign
 
 
 @pytest.fixture
@@ -101,6 +101,15 @@ def test_another_key_or_no_signature_is_refused(art, keys):
     bitcompile.load(art)  # without trusted keys the seal and hashes still hold: it loads
 
 
+def test_trusted_keys_from_the_environment(art, keys, monkeypatch):
+    monkeypatch.setenv("BITCOMPILE_TRUSTED_KEYS", f"{keys['other'][1]}:{keys['mine'][1]}")
+    with pytest.raises(TrustError, match="the artifact is not signed .*only artifacts signed by trusted keys load"):
+        bitcompile.load(art)
+    assert not library_mapped(art)
+    sign(art, keys["mine"][0])
+    assert bitcompile.load(art).signer == fingerprint(load_public(keys["mine"][1]))
+
+
 def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path):
     private, public = keygen(tmp_path / "k")
     assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
@@ -116,7 +125,10 @@ def test_the_cli_signs_at_compile_time_and_runs_only_trusted(checkpoints, tmp_pa
     assert (out / "manifest.sig").is_file()
     main(["run", str(out), "-p", "hi", "-n", "3", "--trust", str(tmp_path / "k" / "public.pem")])
     main(["info", str(out), "--trust", str(tmp_path / "k" / "public.pem")])
-    assert "signature     ok (signed by trusted key" in capsys.readouterr().out
+    fp = fingerprint(load_public(tmp_path / "k" / "public.pem"))
+    assert f"signature     ok (signed by trusted key {fp})" in capsys.readouterr().out
+    main(["info", str(out)])
+    assert f"signature     signed by key {fp} (check it with --trust" in capsys.readouterr().out
     other = keygen(tmp_path / "o")[1]
     with pytest.raises(SystemExit):
         main(["run", str(out), "-p", "hi", "-n", "3", "--trust", str(other)])

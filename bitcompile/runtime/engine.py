@@ -34,6 +34,7 @@ from .machine import check_runnable
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .text import TextStream, check_stops
+from .trust import keys_from_env, verify
 
 MAX_BATCH = 256
 DIRECT = 0  # the cache's sequence id of the single-sequence API; submitted requests count from 1
@@ -72,14 +73,14 @@ class Engine:
         max_batch x context_length tokens. prefill_chunk: prompt tokens per model call (128 measured as
         fast as 256 on the 2B shape, with 43 MB less memory for the intermediate activations).
         max_queue: submitted requests that may wait for room before `submit` refuses more.
-        trusted_keys: Ed25519 public keys (PEM paths or bytes); when given, the artifact must be signed by
-        one of them (trust.py). Everything is checked before the library is loaded."""
+        trusted_keys: Ed25519 public keys (PEM paths or bytes); when given (or set in
+        $BITCOMPILE_TRUSTED_KEYS), the artifact must be signed by one of them (trust.py). Everything is
+        checked before the library is loaded."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)  # its seal: any change to the manifest is refused
         self.signer = None
+        trusted_keys = keys_from_env() if trusted_keys is None else trusted_keys
         if trusted_keys:
-            from .trust import verify
-
             self.signer = verify(self.path, trusted_keys)
         verify_files(self.path, self.manifest)
         check_shapes(self.path, self.manifest)

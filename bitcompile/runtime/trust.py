@@ -19,6 +19,20 @@ from pathlib import Path
 from .artifact import MANIFEST, SIGNATURE, ArtifactError
 
 ALGORITHM = "ed25519"
+TRUST_ENV = "BITCOMPILE_TRUSTED_KEYS"  # deployments: public key files, separated like PATH
+
+
+def keys_from_env() -> list[str]:
+    """The trusted public keys a deployment sets in $BITCOMPILE_TRUSTED_KEYS (empty: none)."""
+    return [k for k in os.environ.get(TRUST_ENV, "").split(os.pathsep) if k]
+
+
+def signer_of(artifact: Path) -> str | None:
+    """The fingerprint manifest.sig names (not verified: that takes a trusted key), or None."""
+    try:
+        return json.loads((Path(artifact) / SIGNATURE).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class TrustError(ArtifactError):
@@ -106,9 +120,10 @@ def verify(artifact: Path, trusted_keys) -> str:
     _, _, invalid = _crypto()
     keys = {fingerprint(k): k for k in (load_public(k) for k in trusted_keys)}
     path = artifact / SIGNATURE
+    expected = ", ".join(f[:16] + "…" for f in keys)
     if not path.is_file():
-        raise TrustError(f"{artifact}: the artifact is not signed (no {SIGNATURE}), and trusted keys were given; "
-                         "sign it with `bitcompile sign ART --key private.pem`")
+        raise TrustError(f"{artifact}: the artifact is not signed (no {SIGNATURE}), and only artifacts signed by "
+                         f"trusted keys load ({expected}); sign it with `bitcompile sign ART --key private.pem`")
     try:
         record = json.loads(path.read_text())
         signature = base64.b64decode(record["signature"], validate=True)
@@ -119,7 +134,7 @@ def verify(artifact: Path, trusted_keys) -> str:
         raise TrustError(f"{path}: signed with {record.get('algorithm')!r}; this bitcompile verifies {ALGORITHM}")
     if signer not in keys:
         raise TrustError(f"{artifact}: signed by key {signer[:16]}…, which is not among the trusted keys "
-                         f"({', '.join(f[:16] + '…' for f in keys)})")
+                         f"({expected})")
     try:
         keys[signer].verify(signature, (artifact / MANIFEST).read_bytes())
     except invalid:
