@@ -285,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
     u = sub.add_parser("tune", help="autotune the ternary kernels on this machine; records go to schedules/",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Search the knobs of the ternary kernels' schedule templates (row blocks, "
-                                   "unrolling) with MetaSchedule, timing each candidate on this machine. Each "
+                                   "unrolling, rows per register tile, prefetch) with MetaSchedule, timing each candidate on this machine. Each "
                                    "kernel's best knobs are checked against exact integer results, then saved as "
                                    "a record in schedules/<target>/ that every later `bitcompile compile` for "
                                    "that target applies. Ctrl-C keeps what was measured; run it again to resume.",

@@ -83,3 +83,36 @@ def test_runtime_keeps_torch_out_of_the_process_but_importable():
               "print('torch' in sys.modules)\nimport torch\nprint(torch.ones(2).sum().item())")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "2.0"]
+
+
+THREADS_SCRIPT = r"""
+import json, sys
+import bitcompile, tvm
+bitcompile.load(sys.argv[1]).generate("hello", max_new_tokens=2, temperature=0)
+print(json.dumps(tvm.get_global_func("runtime.NumThreads")()))
+"""
+
+
+def _cores_by_lscpu() -> int:
+    """Cores of the CPUs this process may use, as util-linux's lscpu counts them (one per core and socket)."""
+    rows = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True, check=True).stdout
+    allowed = os.sched_getaffinity(0)
+    cores = {tuple(row.split(",")[1:]) for row in rows.splitlines()
+             if row and not row.startswith("#") and int(row.split(",")[0]) in allowed}
+    return len(cores)
+
+
+def test_the_runtime_uses_a_thread_per_core_unless_told(artifacts):
+    """TVM's own default on x86 is half the logical CPUs (it assumes SMT): one thread on a 2-core machine."""
+    import shutil
+
+    if shutil.which("lscpu") is None:
+        import pytest
+
+        pytest.skip("lscpu (util-linux) is not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    run = lambda env: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", THREADS_SCRIPT, str(artifacts["autobitlinear"])], env=env, capture_output=True,
+        text=True, timeout=300, check=True).stdout.strip().splitlines()[-1])
+    assert run(env) == _cores_by_lscpu()
+    assert run({**env, "TVM_NUM_THREADS": "1"}) == 1  # the user's setting wins

@@ -1,6 +1,7 @@
 """Auto-tuning: records are keyed to exactly one kernel, every knob setting of the template is exact,
 a short tuning run writes records that the next compile applies, and an interrupted run resumes."""
 
+import itertools
 import json
 
 import numpy as np
@@ -30,9 +31,10 @@ def test_every_knob_setting_is_exact(tokens):
     task = _task(tokens, 128, 256)
     space = task.template.space(tvm.s_tir.Schedule(task.func))
     assert len(space["row_blocks"]) >= 3 and len(space["k_unroll"]) >= 2
-    for rb in space["row_blocks"]:
-        for ku in space["k_unroll"]:
-            tune.verify(task, TARGET, {"row_blocks": rb, "k_unroll": ku})
+    if tokens is None:  # several rows: the tile of rows and the prefetch are knobs too
+        assert space["m_tile"] == [4, 8] and space["prefetch"] == [0, x86.PREFETCH_BYTES]
+    for values in itertools.product(*space.values()):
+        tune.verify(task, TARGET, dict(zip(space, values)))
 
 
 @needs_vnni
@@ -96,3 +98,36 @@ def test_committed_records_verify_exactly():
         pytest.skip(f"no committed tuning records for this machine's target ({store.dir.name})")
     for path in paths:
         tune.verify_record(path, TARGET)
+
+
+@needs_vnni
+def test_structural_knobs_get_a_design_space_per_value_and_are_read_back():
+    """The tile of rows and the prefetch choose the intrinsic: a replayed trace cannot change them, so
+    each pair is a space of its own, and every knob comes back from the (simplified) trace."""
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": ternary.ternary_matmul_func(None, 128, 256)}))
+    knobs = x86.TERNARY_VNNI.space(sch)
+    spaces = tune.knob_space_fn(x86.TERNARY_VNNI, knobs)(sch)
+    chosen = [tune.knobs_of(space.trace.simplified(remove_postproc=True), list(knobs)) for space in spaces]
+    assert sorted((c["m_tile"], c["prefetch"]) for c in chosen) == sorted(
+        itertools.product(knobs["m_tile"], knobs["prefetch"]))
+    for c in chosen:
+        assert c["row_blocks"] in knobs["row_blocks"] and c["k_unroll"] in knobs["k_unroll"]
+
+
+def test_batched_decode_kernels_are_tuned_apart_from_prefill(checkpoints):
+    """batch_decode's linears (a few rows) and prefill's (a prompt chunk) are one function but two
+    kernels to tune: each shape has decode, prefill and batch tasks, with records of their own."""
+    from bitcompile.compiler.targets import resolve_target
+
+    tasks = tune.extract_tasks(checkpoints["autobitlinear"], resolve_target("host"), "bf16")
+    by_kind: dict[str, set] = {}
+    for task in tasks:
+        kind, shape = task.name.split()[1:]
+        by_kind.setdefault(kind, set()).add(shape)
+    assert set(by_kind) == {"decode", "prefill", "batch"} and by_kind["batch"] == by_kind["prefill"]
+    batch = next(t for t in tasks if " batch " in t.name)
+    prefill = next(t for t in tasks if t.name == batch.name.replace("batch", "prefill"))
+    assert (batch.measured_tokens, prefill.measured_tokens) == (tune.BATCH_ROWS, tune.PREFILL_TOKENS)
+    batch_key, prefill_key = (records.kernel_key(t.func, TARGET) for t in (batch, prefill))
+    assert batch_key["rows"] == "batch" and "rows" not in prefill_key
+    assert records.key_digest(batch_key) != records.key_digest(prefill_key)

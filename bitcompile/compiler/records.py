@@ -21,7 +21,8 @@ from ..paths import data_dir
 
 # Bump when a template's knobs change meaning: old records then stop matching instead of misleading.
 # 2: x86 decode unpacks inside its intrinsic (16-bit shifts), so the best knobs moved
-TEMPLATE_VERSION = 2
+# 3: x86 prefill and batched steps: one intrinsic per block and tile of rows (knobs m_tile, prefetch)
+TEMPLATE_VERSION = 3
 # ISA features a schedule template may depend on; the record is only valid for targets with the same set.
 ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "neon", "dotprod", "i8mm")
 
@@ -55,8 +56,10 @@ def _dims(param) -> str:
 
 def kernel_key(func: tirx.PrimFunc, target) -> dict:
     attrs = target.attrs
+    rows = {"rows": str(func.attrs["bitcompile.rows"])} if "bitcompile.rows" in func.attrs else {}
     return {
         "op": str(func.attrs["bitcompile.op"]),
+        **rows,
         "args": [f"{p.dtype}[{_dims(p)}]" for p in func.params],
         "ternary_layout": KERNEL_LAYOUT,
         "template": TEMPLATE_VERSION,
@@ -91,7 +94,7 @@ class RecordStore:
         key = kernel_key(func, self.target)
         path = self.path(key)
         record = json.loads(path.read_text()) if path.is_file() else None
-        label = f"{key['op']} {' '.join(key['args'])}"
+        label = f"{key['op']}{' ' + key['rows'] if 'rows' in key else ''} {' '.join(key['args'])}"
         if record is None or record.get("key") != key:
             self.misses.append(label)
             return None

@@ -21,6 +21,7 @@ run keeps it, and a rerun counts the trials measured there and runs only the res
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import platform
@@ -49,6 +50,7 @@ from .records import RecordStore, kernel_key, key_digest
 from .targets import resolve_target
 
 PREFILL_TOKENS = 128  # prefill kernels are measured at this many tokens (a typical prompt)
+BATCH_ROWS = 8  # batched decode kernels at this many rows (sequences decoding together)
 
 
 @dataclass
@@ -57,9 +59,19 @@ class Task:
     template: object  # schedule.Template
 
     @property
+    def rows(self) -> str | None:
+        return str(self.func.attrs["bitcompile.rows"]) if "bitcompile.rows" in self.func.attrs else None
+
+    @property
     def name(self) -> str:
         tokens, n, k = self.shape
-        return f"ternary_matmul {'prefill' if tokens is None else 'decode'} {n}x{k}"
+        kind = "decode" if tokens is not None else "batch" if self.rows == "batch" else "prefill"
+        return f"ternary_matmul {kind} {n}x{k}"
+
+    @property
+    def measured_tokens(self) -> int:
+        tokens = self.shape[0]
+        return tokens if tokens is not None else BATCH_ROWS if self.rows == "batch" else PREFILL_TOKENS
 
     @property
     def shape(self) -> tuple[int | None, int, int]:
@@ -69,12 +81,12 @@ class Task:
         return (int(tokens) if isinstance(tokens, tirx.IntImm) else None), int(w.shape[0]) * 16, int(xq.shape[1])
 
     def measured_func(self) -> tirx.PrimFunc:
-        """The function MetaSchedule times: a prefill's symbolic token count fixed to PREFILL_TOKENS
-        (same stages, so the same template applies)."""
+        """The function MetaSchedule times: a symbolic token count fixed to measured_tokens (same
+        stages, so the same template applies)."""
         tokens, n, k = self.shape
         if tokens is not None:
             return self.func
-        return ternary.ternary_matmul_func(PREFILL_TOKENS, n, k, pad_tokens=True)
+        return ternary.ternary_matmul_func(self.measured_tokens, n, k, pad_tokens=True, rows=self.rows)
 
 
 def extract_tasks(model_dir, spec, head: str) -> list[Task]:
@@ -96,12 +108,27 @@ def extract_tasks(model_dir, spec, head: str) -> list[Task]:
 
 
 def knob_space_fn(template, knobs: dict):
-    def sample_and_apply(sch: s_tir.Schedule):
-        sampled = {name: sch.sample_categorical(values, [1.0 / len(values)] * len(values))
-                   for name, values in knobs.items()}
-        template.apply(sch, **sampled)
+    """MetaSchedule's design spaces for the knobs. A search replays a space's trace with new sampled
+    decisions, so a knob that changes which instructions the schedule issues (template.structural:
+    e.g. which intrinsic it tensorizes with) gets a space per value, where it is sampled from that
+    one value: every knob is still read back from the trace's decisions (knobs_of)."""
+    structural = [name for name in knobs if name in template.structural]
 
-    return sample_and_apply
+    def design_spaces(sch: s_tir.Schedule) -> list[s_tir.Schedule]:
+        spaces = []
+        for values in itertools.product(*(knobs[name] for name in structural)):
+            fixed, space = dict(zip(structural, values)), sch.copy()
+            sampled = {}
+            for name, candidates in knobs.items():
+                candidates = [fixed[name]] if name in fixed else candidates
+                sampled[name] = space.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates))
+            template.apply(space, **sampled)
+            for name, value in sampled.items():  # a use of every sample, or the trace drops those apply read in Python
+                space.annotate(space.get_sblock("root"), f"bitcompile.knob.{name}", value)
+            spaces.append(space)
+        return spaces
+
+    return design_spaces
 
 
 def knobs_of(trace, names: list[str]) -> dict:
@@ -289,8 +316,8 @@ def choose(task: Task, target, finalists: list[dict], device: "Device", rounds: 
     device, 20 cold runs each."""
     if len(finalists) == 1:
         return finalists[0], None
-    tokens, n, k = task.shape
-    *args, _ = _kernel_args(tokens or PREFILL_TOKENS, n, k, np.random.default_rng(0))
+    _, n, k = task.shape
+    *args, _ = _kernel_args(task.measured_tokens, n, k, np.random.default_rng(0))
     libs = [_build(task.measured_func(), task.template, knobs, target) for knobs in finalists]
     if device.tracker is None:
         passes = [streaming_pass(lib, args) for lib in libs]
@@ -432,7 +459,7 @@ def verify_record(path, target) -> str:
     key = record["key"]
     xq_dims, w_dims = key["args"][0].split("[")[1].rstrip("]").split(","), key["args"][3].split("[")[1].rstrip("]").split(",")
     tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
-    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]))
+    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]), rows=key.get("rows"))
     if kernel_key(func, target) != key:
         raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
     task = Task(func, tunable_template(func, target))
@@ -483,7 +510,7 @@ def _tune_one(task: Task, target, store: RecordStore, trials, device, runner, pr
     verify(task, target, knobs, device)
     best.update(knobs=knobs, us=mean_us or best["us"])
     path = store.save(task.func, knobs, {
-        "us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.shape[0] or PREFILL_TOKENS,
+        "us": round(best["us"], 2), "trials": best["trials"], "measured_tokens": task.measured_tokens,
         "measured_on": device.name if device.tracker else f"this machine, {threads} threads",
         "verified": "exact integer match against numpy", "seconds": round(time.time() - started, 1),
         "tvm": tvm.__version__})

@@ -46,10 +46,18 @@ def has_blocks(sch: s_tir.Schedule, *names: str) -> bool:
 class Template:
     """A schedule template with knobs: apply(sch, **knobs) schedules a kernel (missing knobs take the
     template's measured defaults); space(sch) names each knob's candidate values for this kernel.
-    bitcompile tune searches the space; the records it writes supply the knobs at compile time."""
+    bitcompile tune searches the space; the records it writes supply the knobs at compile time.
+    structural: knobs that change which instructions apply issues (not just loop extents): apply gets
+    them as concrete values (knob_value), and the tuner searches each value in a space of its own."""
 
     apply: Callable
     space: Callable[[s_tir.Schedule], dict]
+    structural: tuple[str, ...] = ()
+
+
+def knob_value(sch: s_tir.Schedule, knob) -> int:
+    """A knob as an int: given as one, or a tuner's sampled variable (its value in this schedule)."""
+    return knob if isinstance(knob, int) else int(sch.get(knob))
 
 
 def register_intrin(name: str, desc, impl):

@@ -18,8 +18,10 @@ from tvm import te, tirx
 OPAQUE = 8  # relax OpPatternKind.kOpaque
 
 
-def op_attrs(name: str) -> dict:
-    return {"bitcompile.op": name, "op_pattern": OPAQUE}
+def op_attrs(name: str, rows: str | None = None) -> dict:
+    """rows="batch": the ternary matmul of a batched decode step (one row per sequence, a few), tuned
+    apart from prefill's (a prompt chunk of many rows), whose function is otherwise the same."""
+    return {"bitcompile.op": name, "op_pattern": OPAQUE, **({"bitcompile.rows": rows} if rows else {})}
 
 
 def quantize_activations(x: te.Tensor):
@@ -175,10 +177,11 @@ def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Te
     return te.compute((m, vocab), lambda i, v: total[i, v] / scale[i], name="head_out")
 
 
-def ternary_matmul_func(tokens: int | None, n: int, k: int, pad_tokens: bool | None = None) -> tirx.PrimFunc:
-    """The ternary matmul alone as a PrimFunc (tokens None: symbolic, as prefill compiles it)."""
+def ternary_matmul_func(tokens: int | None, n: int, k: int, pad_tokens: bool | None = None,
+                        rows: str | None = None) -> tirx.PrimFunc:
+    """The ternary matmul alone as a PrimFunc (tokens None: symbolic, as prefill compiles it; rows: see op_attrs)."""
     tokens = tirx.Var("n", "int64") if tokens is None else tokens
     xq, s, xsum = te.placeholder((tokens, k), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
     w, mult = te.placeholder((n // 16, k // 16, 64), "uint8"), te.placeholder((n,), "float32")
     y = ternary_matmul(xq, s, xsum, w, mult, pad_tokens=pad_tokens)
-    return te.create_prim_func([xq, s, xsum, w, mult, y]).with_attrs(op_attrs("ternary_matmul"))
+    return te.create_prim_func([xq, s, xsum, w, mult, y]).with_attrs(op_attrs("ternary_matmul", rows))

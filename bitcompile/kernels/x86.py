@@ -16,8 +16,12 @@ Decode loop nest:
           acc[nbi] = vpdpbusd(acc[nbi], plane j, broadcast(x_q[kb*16 + 4j : +4]))   j = 0..3
     y = (acc - sum(x_q)) / s * multiplier     (16 lanes at a time)
 
-Prefill unpacks each block once (`codes`, a register) for a tile of M_TILE tokens, then one
-VNNI_16x4 per plane and token; the unpacking is a small part of its work.
+Prefill and batched steps (several rows: tokens of a prompt, or one token of each sequence) use one
+intrinsic per 64-byte block and tile of `m_tile` rows (VNNI_PLANES_ROWS): the 4 bit planes are
+unpacked once into registers and fed to every row of the tile, and the block 1 KB ahead is
+prefetched. With 8 rows the kernel is compute-bound, and without the prefetch its loads of cold
+weights stalled it (2B shapes at 8 rows, 2 threads, weights flushed from the caches: 336 -> 385-420
+GMAC/s; one core's vpdpbusd peak here is 232).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .common import Template, has_blocks, register_intrin, scale_logits, vectorize_lanes
+from .common import Template, has_blocks, knob_value, register_intrin, scale_logits, vectorize_lanes
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -116,6 +120,62 @@ register_intrin(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
 register_intrin(VNNI_PLANES_16x16, _planes_16x16_desc, _planes_16x16_vnni)
 
 
+PREFETCH_BYTES = 1024  # how far ahead in a row block's weights the rows intrinsic prefetches
+M_TILES = (4, 8)  # rows per register tile (ternary.M_TILE, the padding, is a multiple of each)
+
+
+def planes_rows_intrin(m_tile: int, prefetch: int) -> str:
+    """VNNI_PLANES_16x16 for a tile of `m_tile` rows: c[m] += planes(a) . b[m] for each row m, the
+    planes unpacked once; with `prefetch` (bytes), the weights that far ahead are prefetched."""
+    name = f"bitcompile_vnni_u2s8_16x16_rows{m_tile}_pf{prefetch}"
+
+    @T.prim_func(s_tir=True)
+    def desc(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
+        sb, sc = T.int64(), T.int64()
+        a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
+        b = T.match_buffer(b_h, (m_tile, 16), "int8", offset_factor=1, strides=[sb, 1])
+        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:16])
+            T.writes(c[0:m_tile, 0:16])
+            for m, r, k in T.grid(m_tile, 16, 16):
+                with T.sblock("update"):
+                    vm, vr, vk = T.axis.remap("SSR", [m, r, k])
+                    c[vm, vr] = c[vm, vr] + T.Cast("int32", T.bitwise_and(T.shift_right(a[vr * 4 + vk % 4], T.Cast(
+                        "uint8", vk // 4 * 2)), T.uint8(3))) * T.Cast("int32", b[vm, vk])
+
+    def row(c, planes, b, m):
+        acc = c.vload([m, 0], "int32x16")
+        for j, plane in enumerate(planes):
+            x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload([m, 4 * j], "int8x4")), 16))
+            acc = T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                          acc, plane, x4)
+        return acc
+
+    @T.prim_func(s_tir=True)
+    def impl(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
+        sb, sc = T.int64(), T.int64()
+        a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
+        b = T.match_buffer(b_h, (m_tile, 16), "int8", offset_factor=1, strides=[sb, 1])
+        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
+        with T.sblock("root"):
+            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:16])
+            T.writes(c[0:m_tile, 0:16])
+            if prefetch > 0:  # (read, keep in all cache levels, data)
+                T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id("llvm.prefetch"),
+                                              a.access_ptr("r", offset=prefetch), 0, 3, 1))
+            for m in T.unroll(m_tile):
+                c[m, T.ramp(T.int64(0), 1, 16)] = row(c, [_plane(a, j) for j in range(4)], b, m)
+
+    register_intrin(name, desc, impl)
+    return name
+
+
+for _m_tile in M_TILES:
+    for _prefetch in (0, PREFETCH_BYTES):
+        planes_rows_intrin(_m_tile, _prefetch)
+
+
 def has_vnni(target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target))
 
@@ -134,17 +194,25 @@ def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
 # accumulators per task; prefill (tiles of 8 tokens) with 2 row blocks, i.e. 16 accumulators, all in
 # registers (8 x 4 spilled to L1 and ran at 2/3 of the speed). Tuning records (compiler/tune.py) override these.
 DECODE_ROW_BLOCKS = 8
-PREFILL_ROW_BLOCKS = 2
+PREFILL_ROW_BLOCKS = 2  # the sdot nest's (arm.py) prefill; x86's rows intrinsic below takes 1
+# Several rows on x86 (2B shapes, 8 and 128 rows, cold weights): a tile of 8 rows with one row block,
+# i.e. 8 accumulators and 4 unpacked planes, and the prefetch; 4 rows x 2 blocks came within 5%.
+ROWS_DEFAULTS = {"m_tile": 8, "row_blocks": 1, "k_unroll": 1, "prefetch": PREFETCH_BYTES}
 
 
-def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4):
+def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4,
+                                 m_tile=None, prefetch=None):
     """Decode (one token) or prefill (tokens padded to M_TILE: see ternary.py) on VNNI.
 
     Knobs (ints, or a tuner's sampled variables): `row_blocks` independent 16-row accumulators per task,
-    `k_unroll` blocks of 16 inputs per unrolled step. `intrin`: any TensorIntrin with _dot_16x4_desc's
-    description (schedule_arm's sdot uses this nest)."""
+    `k_unroll` blocks of 16 inputs per unrolled step; for several rows on x86 also `m_tile` rows per
+    register tile and `prefetch` (bytes ahead, 0 for none). `intrin`: any TensorIntrin with
+    _dot_16x4_desc's description (schedule_arm's sdot uses this nest)."""
     acc = sch.get_sblock("acc")
     prefill = has_blocks(sch, "x_pad")
+    if prefill and intrin == VNNI_16x4:
+        knobs = {"row_blocks": row_blocks, "k_unroll": k_unroll, "m_tile": m_tile, "prefetch": prefetch}
+        return _schedule_rows(sch, **{k: ROWS_DEFAULTS[k] if v is None else v for k, v in knobs.items()})
     if row_blocks is None:
         preferred = PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS
         row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
@@ -188,21 +256,49 @@ def _schedule_decode_planes(sch: s_tir.Schedule, row_blocks, k_unroll):
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
 
 
-def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 4)):
+def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 4), rows_knobs=False):
     """The knob space of the ternary loop nest for one kernel: candidates that divide its extents
     (a remainder would put a predicate on the tensorized block). Prefill keeps M_TILE tokens of
-    accumulators per row block, so it gets fewer row blocks before the registers run out."""
+    accumulators per row block, so it gets fewer row blocks before the registers run out.
+    rows_knobs: prefill also chooses m_tile and prefetch (x86's rows intrinsic)."""
 
     def space(sch: s_tir.Schedule) -> dict:
         _, n, k = sch.get_loops(sch.get_sblock("acc"))
         row_blocks, k_blocks = int(sch.get(n).extent) // 16, int(sch.get(k).extent) // 16
         prefill = has_blocks(sch, "x_pad")
-        return {
+        knobs = {
             "row_blocks": [d for d in (prefill_row_blocks if prefill else decode_row_blocks) if row_blocks % d == 0],
             "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],
         }
+        if prefill and rows_knobs:
+            knobs.update(m_tile=list(M_TILES), prefetch=[0, PREFETCH_BYTES])
+        return knobs
 
     return space
+
+
+def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
+    """Several rows on x86: per task a row-block group streams its weights once; each 64-byte block
+    goes through planes_rows_intrin for every tile of m_tile rows."""
+    acc, y, pad = (sch.get_sblock(b) for b in ("acc", "y", "x_pad"))
+    i, n, k = sch.get_loops(acc)
+    mo, mi = sch.split(i, factors=[None, m_tile])
+    nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
+    kbo, kbi, kk = sch.split(k, factors=[None, k_unroll, 16])
+    sch.reorder(nbo, mo, kbo, kbi, nbi, mi, r, kk)
+    sch.parallel(nbo)
+    writeback = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(writeback, mo)
+    sch.compute_inline(sch.get_sblock("codes"))
+    sch.decompose_reduction(acc, kbo)
+    sch.tensorize(mi, planes_rows_intrin(knob_value(sch, m_tile), knob_value(sch, prefetch)))
+    sch.unroll(nbi)
+    sch.unroll(kbi)
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    for block in (pad, y):
+        rows, cols = sch.get_loops(block)
+        sch.parallel(rows)
+        vectorize_lanes(sch, cols)
 
 
 def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
@@ -326,4 +422,4 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
     scale_logits(sch, out)
 
 
-TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space())
+TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space(rows_knobs=True), structural=("m_tile", "prefetch"))

@@ -8,6 +8,7 @@ quantization), as do gate/up; their per-tensor scales become per-row multipliers
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 from tvm import relax as rx
 from tvm import te, tirx
@@ -19,6 +20,9 @@ from ..kernels import ternary
 from ..kernels.attention_cpu import use_fast_cpu_attention
 from ..kernels.attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
+
+# set while batch_decode is traced: its ternary linears are marked as kernels of a few rows
+BATCHED_ROWS: contextvars.ContextVar[str | None] = contextvars.ContextVar("batched_rows", default=None)
 from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
 
@@ -62,7 +66,7 @@ class TernaryLinear(nn.Module):
             xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
         y = op.tensor_expr_op(ternary.ternary_matmul, "ternary_matmul",
                               [xq, scale, xsum, self.weight, self.multiplier],
-                              attrs=ternary.op_attrs("ternary_matmul"))
+                              attrs=ternary.op_attrs("ternary_matmul", BATCHED_ROWS.get()))
         return op.reshape(y, (*lead, self.out_features))
 
 
@@ -201,8 +205,12 @@ class BitNetForCausalLM(nn.Module):
     def batch_decode(self, token_rows: Tensor, cache: PagedKVCache):
         """One new token for each of B sequences (the cache's begin_forward names them, lengths 1):
         token_rows [B, 1, hidden] -> logits [B, 1, vocab]. The linears see B rows, so each weight
-        block is read once for all of them."""
-        return self._logits(self._hidden(token_rows, cache)), cache
+        block is read once for all of them; their kernels are tuned for a few rows (op_attrs)."""
+        marker = BATCHED_ROWS.set("batch")
+        try:
+            return self._logits(self._hidden(token_rows, cache)), cache
+        finally:
+            BATCHED_ROWS.reset(marker)
 
     def batch_prefill(self, token_rows: Tensor, logit_positions: Tensor, cache: PagedKVCache):
         """Chunks of several sequences, concatenated (token_rows [1, n, hidden]; begin_forward gives

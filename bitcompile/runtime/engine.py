@@ -30,7 +30,7 @@ from .artifact import (
 )
 from .chat import ChatError, ChatTemplate, generation_defaults
 from .kv_cache import PAGE_SIZE, KVCache, pages_for
-from .machine import check_runnable
+from .machine import check_runnable, default_threads
 from .sampling import Sampler, SamplingParams
 from .scheduler import Scheduler
 from .text import TextStream, check_stops
@@ -44,7 +44,9 @@ EMBEDDING = "embed_tokens.weight"
 def import_tvm_runtime():
     """import tvm to run artifacts. tvm_ffi imports PyTorch whenever it is installed (about 200 MB of
     RSS, and a Python heap the garbage collector keeps walking) for tensor interop the runtime never
-    uses; unless this process already has torch, torch is hidden while tvm loads (importable after)."""
+    uses; unless this process already has torch, torch is hidden while tvm loads (importable after).
+    The thread pool gets one thread per core (machine.default_threads) before any kernel runs."""
+    default_threads()
     if "tvm" in sys.modules or "torch" in sys.modules:
         import tvm
 
