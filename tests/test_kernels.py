@@ -1,5 +1,7 @@
 """Each scheduled operator, compiled alone for the host, against exact integer / numpy results."""
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -201,3 +203,22 @@ def test_rms_norm_quantize_matches_the_reference_norm_then_quantization(m, k):
     assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
     np.testing.assert_allclose(s, ref_s[:, 0], rtol=3e-7)
     np.testing.assert_array_equal(np.abs(xsum - ref_q.sum(axis=1)) <= steps.sum(axis=1), True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_injective_functions_are_inlined_parallel_and_vectorized(rows):
+    """The FFN's split + relu(gate)^2 * up, legalized as four blocks with intermediate tensors: one
+    block after InjectiveRule, rows in parallel, 16-lane vectors; the numbers equal numpy's."""
+    m = tvm.tirx.Var("m", "int64")
+    x = te.placeholder((m, 1, 2 * 96), "float32")
+    gate = te.compute((m, 1, 96), lambda i, j, k: x[i, j, k], name="gate")
+    up = te.compute((m, 1, 96), lambda i, j, k: x[i, j, k + 96], name="up")
+    relu = te.compute((m, 1, 96), lambda i, j, k: tvm.tirx.max(gate[i, j, k], tvm.tirx.const(0, "float32")), name="relu")
+    out = te.compute((m, 1, 96), lambda i, j, k: relu[i, j, k] * relu[i, j, k] * up[i, j, k], name="out")
+    sch = schedule.InjectiveRule().apply(te.create_prim_func([x, out]), TARGET, False)
+    script = sch.mod.script()
+    assert len(sch.get_child_blocks(sch.get_sblock("root"))) == 1 and "T.parallel" in script
+    assert re.search(r"T\.vectorized\((T\.int64\()?16\)", script)
+    data = np.random.default_rng(rows).standard_normal((rows, 1, 192)).astype(np.float32)
+    (_, got) = run(tvm.compile(sch.mod, TARGET), data, np.zeros((rows, 1, 96), np.float32))
+    np.testing.assert_array_equal(got, np.maximum(data[..., :96], 0) ** 2 * data[..., 96:])
