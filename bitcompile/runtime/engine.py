@@ -177,7 +177,7 @@ class Engine:
         if all(n == 1 for n in lengths):
             fn = "decode" if len(seqs) == 1 else "batch_decode"
             logits = self._call(fn, seqs, lengths, rows[:, None, :]).numpy()[:, 0]
-            return logits[np.asarray(want, dtype=bool)]
+            return logits if all(want) else logits[np.asarray(want, dtype=bool)]
         ends = np.cumsum(lengths) - 1
         positions = self._tvm.runtime.tensor(ends[np.asarray(want, dtype=bool)].astype(np.int32), self.device)
         return self._call("batch_prefill", seqs, lengths, rows[None], positions).numpy()[0]

@@ -46,6 +46,8 @@ class Sampler:
 
     def _sample(self, logits: np.ndarray, context: list[int]) -> int:
         p = self.params
+        if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: the float32 row as it is (no copy)
+            return int(np.argmax(logits))
         logits = np.asarray(logits, dtype=np.float64).copy()
         if p.repetition_penalty != 1.0 and context:
             seen = np.unique(np.asarray(context))
