@@ -75,6 +75,24 @@ def test_ragged_prefill_is_causal_within_the_new_tokens(n, causal):
         np.testing.assert_allclose(args[8].numpy()[i], want_lse, atol=2e-5)
 
 
+@pytest.mark.parametrize("lengths", [[1, 1, 1, 1, 1], [3, 1, 4, 1, 2]], ids=["one-each", "ragged"])
+def test_ragged_prefill_of_several_sequences_keeps_them_apart(lengths):
+    """A batched step: each sequence's new tokens attend only to that sequence's new tokens."""
+    rng = np.random.default_rng(len(lengths) + sum(lengths))
+    n = sum(lengths)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    q = rng.standard_normal((n, HQ, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, n, HKV, D)).astype(np.float32)
+    args = t(q, indptr, k, v, indptr, np.zeros(n, np.int32), np.zeros(len(lengths), np.int32),
+             np.zeros((n, HQ, D), np.float32), np.zeros((n, HQ), np.float32))
+    build(attention_prefill_ragged_cpu(HKV, HQ, D, D, "float32", {}))(*args, 1, 0, 1.0, 1e4, SCALE)
+    for b, (start, end) in enumerate(zip(indptr[:-1], indptr[1:])):
+        for i in range(start, end):
+            want, want_lse = attend(q[i], k[start:end], v[start:end], i - start + 1)
+            np.testing.assert_allclose(args[7].numpy()[i], want, atol=2e-5)
+            np.testing.assert_allclose(args[8].numpy()[i], want_lse, atol=2e-5)
+
+
 @pytest.mark.parametrize("cached, new, causal", [(20, 5, 1), (33, 1, 1), (16, 8, 0)])
 def test_paged_prefill_sees_the_prefix_and_respects_causality(cached, new, causal):
     rng = np.random.default_rng(cached * new)
