@@ -150,6 +150,28 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13])
+def test_batched_decode_matmul_padded_to_fours_is_exact(vnni, m):
+    """batch_decode's variant on CPUs: rows padded to a multiple of ternary.BATCH_ROW_TILE (4), which
+    the schedules read from the function's attributes."""
+    from bitcompile.kernels.x86 import has_vnni, schedule_ternary_matmul_vnni
+    if vnni and not has_vnni(TARGET):
+        pytest.skip("host CPU has no AVX-512 VNNI")
+    n, k = 128, 96
+    func = ternary.ternary_matmul_func(None, n, k, rows="batch", row_tile=ternary.BATCH_ROW_TILE)
+    assert ternary.padded_row_tile(func) == 4
+    sch = s_tir.Schedule(func)
+    (schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul)(sch)
+    lib = tvm.compile(sch.mod, TARGET)
+    rng = np.random.default_rng(m)
+    t = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    xq = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    *_, y = run(lib, xq, np.ones(m, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(t), np.ones(n, np.float32),
+                np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, exact_dot(xq, t))
+
+
+@pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m", [2, 16, 32])
 def test_int8_lm_head_with_a_dynamic_token_count_is_exact(vnni, m):
     """The head of a batched step: one row per sequence, the count known only at run time."""

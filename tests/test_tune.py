@@ -19,20 +19,21 @@ needs_vnni = pytest.mark.skipif(not x86.has_vnni(TARGET), reason="the tunable te
                                 "this CPU has no AVX-512 VNNI")
 
 
-def _task(tokens, n, k):
-    func = ternary.ternary_matmul_func(tokens, n, k)
+def _task(tokens, n, k, rows=None):
+    tile = ternary.BATCH_ROW_TILE if rows == "batch" else ternary.M_TILE
+    func = ternary.ternary_matmul_func(tokens, n, k, rows=rows, row_tile=tile)
     return tune.Task(func, x86.TERNARY_VNNI)
 
 
 @needs_vnni
-@pytest.mark.parametrize("tokens", [1, None], ids=["decode", "prefill"])
-def test_every_knob_setting_is_exact(tokens):
-    """verify() compares against integer numpy (prefill at 1, 13 and 16 tokens); it raises on any mismatch."""
-    task = _task(tokens, 128, 256)
+@pytest.mark.parametrize("tokens, rows", [(1, None), (None, None), (None, "batch")], ids=["decode", "prefill", "batch"])
+def test_every_knob_setting_is_exact(tokens, rows):
+    """verify() compares against integer numpy (prefill and batch at 1, 13 and 16 rows); it raises on any mismatch."""
+    task = _task(tokens, 128, 256, rows)
     space = task.template.space(tvm.s_tir.Schedule(task.func))
     assert len(space["row_blocks"]) >= 3 and len(space["k_unroll"]) >= 2
-    if tokens is None:  # several rows: the tile of rows and the prefetch are knobs too
-        assert space["m_tile"] == [4, 8] and space["prefetch"] == [0, x86.PREFETCH_BYTES]
+    if tokens is None:  # several rows: the tile of rows (dividing the padding) and the prefetch are knobs too
+        assert space["m_tile"] == ([4] if rows else [4, 8]) and space["prefetch"] == [0, x86.PREFETCH_BYTES]
     for values in itertools.product(*space.values()):
         tune.verify(task, TARGET, dict(zip(space, values)))
 
@@ -130,4 +131,5 @@ def test_batched_decode_kernels_are_tuned_apart_from_prefill(checkpoints):
     assert (batch.measured_tokens, prefill.measured_tokens) == (tune.BATCH_ROWS, tune.PREFILL_TOKENS)
     batch_key, prefill_key = (records.kernel_key(t.func, TARGET) for t in (batch, prefill))
     assert batch_key["rows"] == "batch" and "rows" not in prefill_key
+    assert batch_key["row_tile"] == str(ternary.BATCH_ROW_TILE) and "row_tile" not in prefill_key
     assert records.key_digest(batch_key) != records.key_digest(prefill_key)

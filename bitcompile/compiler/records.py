@@ -56,7 +56,8 @@ def _dims(param) -> str:
 
 def kernel_key(func: tirx.PrimFunc, target) -> dict:
     attrs = target.attrs
-    rows = {"rows": str(func.attrs["bitcompile.rows"])} if "bitcompile.rows" in func.attrs else {}
+    rows = {f"{name}": str(func.attrs[f"bitcompile.{name}"]) for name in ("rows", "row_tile")
+            if f"bitcompile.{name}" in func.attrs}
     return {
         "op": str(func.attrs["bitcompile.op"]),
         **rows,

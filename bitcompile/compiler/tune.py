@@ -86,7 +86,8 @@ class Task:
         tokens, n, k = self.shape
         if tokens is not None:
             return self.func
-        return ternary.ternary_matmul_func(self.measured_tokens, n, k, pad_tokens=True, rows=self.rows)
+        return ternary.ternary_matmul_func(self.measured_tokens, n, k, pad_tokens=True, rows=self.rows,
+                                           row_tile=ternary.padded_row_tile(self.func))
 
 
 def extract_tasks(model_dir, spec, head: str) -> list[Task]:
@@ -459,7 +460,8 @@ def verify_record(path, target) -> str:
     key = record["key"]
     xq_dims, w_dims = key["args"][0].split("[")[1].rstrip("]").split(","), key["args"][3].split("[")[1].rstrip("]").split(",")
     tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
-    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]), rows=key.get("rows"))
+    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]), rows=key.get("rows"),
+                                       row_tile=int(key.get("row_tile", ternary.M_TILE)))
     if kernel_key(func, target) != key:
         raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
     task = Task(func, tunable_template(func, target))

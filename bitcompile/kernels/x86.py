@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from .common import Template, has_blocks, knob_value, register_intrin, scale_logits, vectorize_lanes
+from .ternary import padded_row_tile
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -196,8 +197,10 @@ def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
 DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2  # the sdot nest's (arm.py) prefill; x86's rows intrinsic below takes 1
 # Several rows on x86 (2B shapes, 8 and 128 rows, cold weights): a tile of 8 rows with one row block,
-# i.e. 8 accumulators and 4 unpacked planes, and the prefetch; 4 rows x 2 blocks came within 5%.
-ROWS_DEFAULTS = {"m_tile": 8, "row_blocks": 1, "k_unroll": 1, "prefetch": PREFETCH_BYTES}
+# i.e. 8 accumulators and 4 unpacked planes, and the prefetch; 4 rows x 2 blocks came within 5%, and
+# is the choice where rows are padded to 4 (batched steps: ternary.BATCH_ROW_TILE). By that padding:
+ROWS_DEFAULTS = {8: {"m_tile": 8, "row_blocks": 1, "k_unroll": 1, "prefetch": PREFETCH_BYTES},
+                 4: {"m_tile": 4, "row_blocks": 2, "k_unroll": 1, "prefetch": PREFETCH_BYTES}}
 
 
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4,
@@ -212,7 +215,8 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=
     prefill = has_blocks(sch, "x_pad")
     if prefill and intrin == VNNI_16x4:
         knobs = {"row_blocks": row_blocks, "k_unroll": k_unroll, "m_tile": m_tile, "prefetch": prefetch}
-        return _schedule_rows(sch, **{k: ROWS_DEFAULTS[k] if v is None else v for k, v in knobs.items()})
+        defaults = ROWS_DEFAULTS[padded_row_tile(sch.mod["main"])]
+        return _schedule_rows(sch, **{k: defaults[k] if v is None else v for k, v in knobs.items()})
     if row_blocks is None:
         preferred = PREFILL_ROW_BLOCKS if prefill else DECODE_ROW_BLOCKS
         row_blocks = row_blocks_for(sch, sch.get_loops(acc)[1], preferred)
@@ -270,8 +274,9 @@ def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 
             "row_blocks": [d for d in (prefill_row_blocks if prefill else decode_row_blocks) if row_blocks % d == 0],
             "k_unroll": [d for d in ((1, 2) if prefill else (1, 2, 4)) if k_blocks % d == 0],
         }
-        if prefill and rows_knobs:
-            knobs.update(m_tile=list(M_TILES), prefetch=[0, PREFETCH_BYTES])
+        if prefill and rows_knobs:  # tiles of rows that divide the padding
+            tile = padded_row_tile(sch.mod["main"])
+            knobs.update(m_tile=[t for t in M_TILES if tile % t == 0], prefetch=[0, PREFETCH_BYTES])
         return knobs
 
     return space
@@ -308,12 +313,10 @@ def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
 
 
 def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = VNNI_16x4):
-    """Each 64-byte weight block is unpacked once per tile of M_TILE tokens and fed to all of them."""
-    from .ternary import M_TILE
-
+    """Each 64-byte weight block is unpacked once per tile of tokens (the padding's) and fed to all of them."""
     acc, y, codes, pad = (sch.get_sblock(b) for b in ("acc", "y", "codes", "x_pad"))
     i, n, k = sch.get_loops(acc)
-    mo, mi = sch.split(i, factors=[None, M_TILE])
+    mo, mi = sch.split(i, factors=[None, padded_row_tile(sch.mod["main"])])
     nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
     kbo, kbi, j, kk = sch.split(k, factors=[None, k_unroll, 4, 4])
     sch.reorder(nbo, mo, kbo, kbi, j, nbi, mi, r, kk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 from tvm import relax as rx
 from tvm import te, tirx
@@ -21,8 +22,8 @@ from ..kernels.attention_cpu import use_fast_cpu_attention
 from ..kernels.attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
 
-# set while batch_decode is traced: its ternary linears are marked as kernels of a few rows
-BATCHED_ROWS: contextvars.ContextVar[str | None] = contextvars.ContextVar("batched_rows", default=None)
+# set while batch_decode is traced: what its ternary linears (kernels of a few rows) pad their rows to
+BATCH_ROW_TILE: contextvars.ContextVar[int | None] = contextvars.ContextVar("batch_row_tile", default=None)
 from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
 
@@ -64,9 +65,10 @@ class TernaryLinear(nn.Module):
         else:
             *lead, k = x.shape
             xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
-        y = op.tensor_expr_op(ternary.ternary_matmul, "ternary_matmul",
-                              [xq, scale, xsum, self.weight, self.multiplier],
-                              attrs=ternary.op_attrs("ternary_matmul", BATCHED_ROWS.get()))
+        tile = BATCH_ROW_TILE.get()
+        matmul = ternary.ternary_matmul if tile is None else functools.partial(ternary.ternary_matmul, row_tile=tile)
+        y = op.tensor_expr_op(matmul, "ternary_matmul", [xq, scale, xsum, self.weight, self.multiplier],
+                              attrs=ternary.op_attrs("ternary_matmul", "batch" if tile else None, tile))
         return op.reshape(y, (*lead, self.out_features))
 
 
@@ -205,12 +207,14 @@ class BitNetForCausalLM(nn.Module):
     def batch_decode(self, token_rows: Tensor, cache: PagedKVCache):
         """One new token for each of B sequences (the cache's begin_forward names them, lengths 1):
         token_rows [B, 1, hidden] -> logits [B, 1, vocab]. The linears see B rows, so each weight
-        block is read once for all of them; their kernels are tuned for a few rows (op_attrs)."""
-        marker = BATCHED_ROWS.set("batch")
+        block is read once for all of them; their kernels are tuned for a few rows (op_attrs), whose
+        count CPUs pad to a multiple of 4 (ternary.BATCH_ROW_TILE; CUDA's token tiles are M_TILE)."""
+        tile = ternary.M_TILE if self.target.kind.name == "cuda" else ternary.BATCH_ROW_TILE
+        marker = BATCH_ROW_TILE.set(tile)
         try:
             return self._logits(self._hidden(token_rows, cache)), cache
         finally:
-            BATCHED_ROWS.reset(marker)
+            BATCH_ROW_TILE.reset(marker)
 
     def batch_prefill(self, token_rows: Tensor, logit_positions: Tensor, cache: PagedKVCache):
         """Chunks of several sequences, concatenated (token_rows [1, n, hidden]; begin_forward gives
