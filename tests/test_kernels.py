@@ -152,13 +152,13 @@ def test_prefill_matmul_with_a_dynamic_token_count_is_exact(vnni, m):
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13])
 def test_batched_decode_matmul_padded_to_fours_is_exact(vnni, m):
-    """batch_decode's variant on CPUs: rows padded to a multiple of ternary.BATCH_ROW_TILE (4), which
+    """batch_decode's variant on CPUs: rows padded to a multiple of ternary.CPU_ROW_TILE (4), which
     the schedules read from the function's attributes."""
     from bitcompile.kernels.x86 import has_vnni, schedule_ternary_matmul_vnni
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
     n, k = 128, 96
-    func = ternary.ternary_matmul_func(None, n, k, rows="batch", row_tile=ternary.BATCH_ROW_TILE)
+    func = ternary.ternary_matmul_func(None, n, k, rows="batch", row_tile=ternary.CPU_ROW_TILE)
     assert ternary.padded_row_tile(func) == 4
     sch = s_tir.Schedule(func)
     (schedule_ternary_matmul_vnni if vnni else schedule.schedule_ternary_matmul)(sch)

@@ -60,10 +60,11 @@ def rms_norm_quantize(x: te.Tensor, weight: te.Tensor, eps: float):
     return quantize_activations(normed)
 
 
-M_TILE = 8  # prefill: tokens per register tile; a dynamic token count is padded up to a multiple
-# Batched decode steps on CPUs pad their rows (one per sequence) to a multiple of 4 instead: 2-4
-# sequences then cost 4 rows of arithmetic, not 8 (2B-4T shapes at 4 rows: 40% less time a GEMM).
-BATCH_ROW_TILE = 4
+M_TILE = 8  # several rows: a dynamic row count is padded up to a multiple (CUDA's token tiles)
+# CPUs pad to a multiple of 4 instead: 2-4 rows (sequences of a batched step, a small prompt chunk,
+# 7 decodes + a 4-token chunk = 12) then cost 4 rows of arithmetic each, not 8 (2B-4T shapes at 4 rows:
+# 40% less time a GEMM)
+CPU_ROW_TILE = 4
 
 
 def padded_row_tile(func) -> int:

@@ -198,7 +198,7 @@ DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2  # the sdot nest's (arm.py) prefill; x86's rows intrinsic below takes 1
 # Several rows on x86 (2B shapes, 8 and 128 rows, cold weights): a tile of 8 rows with one row block,
 # i.e. 8 accumulators and 4 unpacked planes, and the prefetch; 4 rows x 2 blocks came within 5%, and
-# is the choice where rows are padded to 4 (batched steps: ternary.BATCH_ROW_TILE). By that padding:
+# is the choice where rows are padded to 4 (batched steps: ternary.CPU_ROW_TILE). By that padding:
 ROWS_DEFAULTS = {8: {"m_tile": 8, "row_blocks": 1, "k_unroll": 1, "prefetch": PREFETCH_BYTES},
                  4: {"m_tile": 4, "row_blocks": 2, "k_unroll": 1, "prefetch": PREFETCH_BYTES}}
 

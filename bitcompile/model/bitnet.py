@@ -22,8 +22,10 @@ from ..kernels.attention_cpu import use_fast_cpu_attention
 from ..kernels.attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
 
-# set while batch_decode is traced: what its ternary linears (kernels of a few rows) pad their rows to
-BATCH_ROW_TILE: contextvars.ContextVar[int | None] = contextvars.ContextVar("batch_row_tile", default=None)
+# set while an entry point of several rows is traced: (kind, row tile) for its ternary linears.
+# kind "batch" (batch_decode: one row per sequence) is tuned apart from prefill's (None)
+SEVERAL_ROWS: contextvars.ContextVar[tuple[str | None, int] | None] = contextvars.ContextVar("several_rows",
+                                                                                           default=None)
 from .head import padded_vocab
 from .packing import BLOCK_COLS, BLOCK_ROWS
 
@@ -65,10 +67,10 @@ class TernaryLinear(nn.Module):
         else:
             *lead, k = x.shape
             xq, scale, xsum = quantize(op.reshape(x, (-1, k)))
-        tile = BATCH_ROW_TILE.get()
-        matmul = ternary.ternary_matmul if tile is None else functools.partial(ternary.ternary_matmul, row_tile=tile)
+        kind, tile = SEVERAL_ROWS.get() or (None, ternary.M_TILE)
+        matmul = functools.partial(ternary.ternary_matmul, row_tile=tile)
         y = op.tensor_expr_op(matmul, "ternary_matmul", [xq, scale, xsum, self.weight, self.multiplier],
-                              attrs=ternary.op_attrs("ternary_matmul", "batch" if tile else None, tile))
+                              attrs=ternary.op_attrs("ternary_matmul", kind, tile))
         return op.reshape(y, (*lead, self.out_features))
 
 
@@ -196,10 +198,22 @@ class BitNetForCausalLM(nn.Module):
             h = layer(h, cache, layer_id)
         return self.norm(h)
 
+    @contextlib.contextmanager
+    def _several_rows(self, kind: str | None):
+        """Trace an entry point whose linears see a dynamic number of rows, padded to tiles: CPUs pad
+        to multiples of ternary.CPU_ROW_TILE, CUDA to its token tiles (M_TILE)."""
+        tile = ternary.M_TILE if self.target.kind.name == "cuda" else ternary.CPU_ROW_TILE
+        marker = SEVERAL_ROWS.set((kind, tile))
+        try:
+            yield
+        finally:
+            SEVERAL_ROWS.reset(marker)
+
     def prefill(self, token_rows: Tensor, cache: PagedKVCache):
         """Final hidden states of every prompt position (logits come from `head`). token_rows: the
         tokens' embedding rows, bf16 bits [1, seq_len, hidden]."""
-        return self._hidden(token_rows, cache), cache
+        with self._several_rows(None):
+            return self._hidden(token_rows, cache), cache
 
     def decode(self, token_rows: Tensor, cache: PagedKVCache):
         return self._logits(self._hidden(token_rows, cache)), cache
@@ -207,19 +221,15 @@ class BitNetForCausalLM(nn.Module):
     def batch_decode(self, token_rows: Tensor, cache: PagedKVCache):
         """One new token for each of B sequences (the cache's begin_forward names them, lengths 1):
         token_rows [B, 1, hidden] -> logits [B, 1, vocab]. The linears see B rows, so each weight
-        block is read once for all of them; their kernels are tuned for a few rows (op_attrs), whose
-        count CPUs pad to a multiple of 4 (ternary.BATCH_ROW_TILE; CUDA's token tiles are M_TILE)."""
-        tile = ternary.M_TILE if self.target.kind.name == "cuda" else ternary.BATCH_ROW_TILE
-        marker = BATCH_ROW_TILE.set(tile)
-        try:
+        block is read once for all of them; their kernels are tuned for a few rows (op_attrs)."""
+        with self._several_rows("batch"):
             return self._logits(self._hidden(token_rows, cache)), cache
-        finally:
-            BATCH_ROW_TILE.reset(marker)
 
     def batch_prefill(self, token_rows: Tensor, logit_positions: Tensor, cache: PagedKVCache):
         """Chunks of several sequences, concatenated (token_rows [1, n, hidden]; begin_forward gives
         each sequence's length): logits [1, b, vocab] only at the b positions asked for."""
-        hidden = self._hidden(token_rows, cache)
+        with self._several_rows(None):
+            hidden = self._hidden(token_rows, cache)
 
         def gather(x, positions):
             return te.compute((1, positions.shape[0], x.shape[2]), lambda _, i, j: x[0, positions[i], j],
