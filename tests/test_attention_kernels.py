@@ -1,5 +1,7 @@
 """Our CPU attention kernels for the paged KV cache against attention written out in numpy."""
 
+import itertools
+
 import numpy as np
 import pytest
 import tvm
@@ -86,7 +88,7 @@ def test_ragged_prefill_of_several_sequences_keeps_them_apart(lengths):
     args = t(q, indptr, k, v, indptr, np.zeros(n, np.int32), np.zeros(len(lengths), np.int32),
              np.zeros((n, HQ, D), np.float32), np.zeros((n, HQ), np.float32))
     build(attention_prefill_ragged_cpu(HKV, HQ, D, D, "float32", {}))(*args, 1, 0, 1.0, 1e4, SCALE)
-    for b, (start, end) in enumerate(zip(indptr[:-1], indptr[1:])):
+    for start, end in itertools.pairwise(indptr):
         for i in range(start, end):
             want, want_lse = attend(q[i], k[start:end], v[start:end], i - start + 1)
             np.testing.assert_allclose(args[7].numpy()[i], want, atol=2e-5)

@@ -111,7 +111,7 @@ def test_the_runtime_uses_a_thread_per_core_unless_told(artifacts):
 
         pytest.skip("lscpu (util-linux) is not installed")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    run = lambda env: json.loads(subprocess.run(  # noqa: E731
+    run = lambda env: json.loads(subprocess.run(
         [sys.executable, "-c", THREADS_SCRIPT, str(artifacts["autobitlinear"])], env=env, capture_output=True,
         text=True, timeout=300, check=True).stdout.strip().splitlines()[-1])
     assert run(env) == _cores_by_lscpu()

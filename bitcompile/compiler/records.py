@@ -56,11 +56,11 @@ def _dims(param) -> str:
 
 def kernel_key(func: tirx.PrimFunc, target) -> dict:
     attrs = target.attrs
-    rows = {f"{name}": str(func.attrs[f"bitcompile.{name}"]) for name in ("rows", "row_tile")
-            if f"bitcompile.{name}" in func.attrs}
+    several_rows = {name: str(func.attrs[f"bitcompile.{name}"]) for name in ("rows", "row_tile")
+                    if f"bitcompile.{name}" in func.attrs}
     return {
         "op": str(func.attrs["bitcompile.op"]),
-        **rows,
+        **several_rows,
         "args": [f"{p.dtype}[{_dims(p)}]" for p in func.params],
         "ternary_layout": KERNEL_LAYOUT,
         "template": TEMPLATE_VERSION,

@@ -7,9 +7,8 @@ that parallelizes the outermost loop, so no operator is left as a serial loop ne
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 
 import tvm
 from tvm import s_tir, tirx
@@ -287,4 +286,5 @@ class ParallelOuterLoop(ScheduleRule):
 
 
 def cpu_schedule_pass(records=None) -> tvm.transform.Pass:
-    return dl.ApplyDefaultSchedule(TernaryRules(records), RMSNormRule(), dl.cpu.GEMV(), dl.cpu.Reduction(), InjectiveRule(), ParallelOuterLoop())
+    return dl.ApplyDefaultSchedule(TernaryRules(records), RMSNormRule(), dl.cpu.GEMV(), dl.cpu.Reduction(),
+                                   InjectiveRule(), ParallelOuterLoop())

@@ -26,6 +26,8 @@ GMAC/s; one core's vpdpbusd peak here is 232).
 
 from __future__ import annotations
 
+import functools
+
 from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
@@ -36,9 +38,10 @@ from .ternary import padded_row_tile
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
 
-def _vpdpbusd(acc, codes, b, offset: int):
-    """acc (int32x16) += per lane, 4 u8 `codes` (int8x64 bits) times the 4 int8 b[offset : offset+4]."""
-    x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload([offset], "int8x4")), 16))
+def _vpdpbusd(acc, codes, b, *index):
+    """acc (int32x16) += per lane, 4 u8 `codes` (int8x64 bits) times the 4 int8 b[index : index+4]
+    (index: one offset, or a row and an offset)."""
+    x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload(list(index), "int8x4")), 16))
     return T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                                    acc, codes, x4)
 
@@ -125,9 +128,11 @@ PREFETCH_BYTES = 1024  # how far ahead in a row block's weights the rows intrins
 M_TILES = (4, 8)  # rows per register tile (ternary.M_TILE, the padding, is a multiple of each)
 
 
+@functools.cache
 def planes_rows_intrin(m_tile: int, prefetch: int) -> str:
     """VNNI_PLANES_16x16 for a tile of `m_tile` rows: c[m] += planes(a) . b[m] for each row m, the
-    planes unpacked once; with `prefetch` (bytes), the weights that far ahead are prefetched."""
+    planes unpacked once; with `prefetch` (bytes), the weights that far ahead are prefetched.
+    Registered on first use (once per process)."""
     name = f"bitcompile_vnni_u2s8_16x16_rows{m_tile}_pf{prefetch}"
 
     @T.prim_func(s_tir=True)
@@ -148,9 +153,7 @@ def planes_rows_intrin(m_tile: int, prefetch: int) -> str:
     def row(c, planes, b, m):
         acc = c.vload([m, 0], "int32x16")
         for j, plane in enumerate(planes):
-            x4 = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", b.vload([m, 4 * j], "int8x4")), 16))
-            acc = T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                                          acc, plane, x4)
+            acc = _vpdpbusd(acc, plane, b, m, 4 * j)
         return acc
 
     @T.prim_func(s_tir=True)
@@ -170,11 +173,6 @@ def planes_rows_intrin(m_tile: int, prefetch: int) -> str:
 
     register_intrin(name, desc, impl)
     return name
-
-
-for _m_tile in M_TILES:
-    for _prefetch in (0, PREFETCH_BYTES):
-        planes_rows_intrin(_m_tile, _prefetch)
 
 
 def has_vnni(target) -> bool:

@@ -21,13 +21,13 @@ from ..kernels import ternary
 from ..kernels.attention_cpu import use_fast_cpu_attention
 from ..kernels.attention_cuda import use_fast_cuda_attention
 from .config import ModelConfig
+from .head import padded_vocab
+from .packing import BLOCK_COLS, BLOCK_ROWS
 
 # set while an entry point of several rows is traced: (kind, row tile) for its ternary linears.
 # kind "batch" (batch_decode: one row per sequence) is tuned apart from prefill's (None)
 SEVERAL_ROWS: contextvars.ContextVar[tuple[str | None, int] | None] = contextvars.ContextVar("several_rows",
                                                                                            default=None)
-from .head import padded_vocab
-from .packing import BLOCK_COLS, BLOCK_ROWS
 
 
 def quantize(x: Tensor):

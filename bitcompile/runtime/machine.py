@@ -39,21 +39,21 @@ def machine_arch() -> str:
 
 def physical_cores() -> int:
     """Cores this process may run on, each counted once however many hardware threads it has."""
-    cpus = sorted(os.sched_getaffinity(0))
     cores = set()
-    for cpu in cpus:
+    for cpu in os.sched_getaffinity(0):
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
         except OSError:  # no sysfs topology (some containers): every CPU counts
-            cores.add(str(cpu))
+            cores.add(cpu)
     return max(1, len(cores))
 
 
 def default_threads():
-    """Before TVM's thread pool starts: give it one thread per core unless the user set TVM_NUM_THREADS (or OMP_NUM_THREADS).
-    TVM's own default on x86 is half the logical CPUs, assuming two hardware threads per core: on a
-    machine without SMT (2 cores, 2 CPUs) that ran every kernel on one core at about half the speed."""
+    """Before TVM's thread pool starts: give it one thread per core unless the user set
+    TVM_NUM_THREADS (or OMP_NUM_THREADS). TVM's own default on x86 is half the logical CPUs, assuming
+    two hardware threads per core: on a machine without SMT (2 cores, 2 CPUs) that ran every kernel
+    on one core at about half the speed."""
     if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
         os.environ["TVM_NUM_THREADS"] = str(physical_cores())
     # Workers spin this many rounds for the next parallel loop before they sleep. The runtime-only
