@@ -47,7 +47,8 @@ def _exp2(x):
     return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", whole) + 127, 23))
 
 
-def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", pair: bool = False):
+def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", pair: bool = False,
+                  prefetch: bool = False):
     """The loop every kernel shares: one query row of head h (and h + 1 when `pair`: two heads of one
     kv head, so each key and value is loaded and converted once for both; measured 1.3-1.5x faster
     decode attention) against its first n_keys keys, in chunks of 16. Per key, a 16-lane dot product
@@ -56,7 +57,12 @@ def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", p
     16 lanes at a time. Keys come from the pages (paged) or from ragged k/v tensors. q, k, v and the
     output are `dtype` (float32 or float16); the arithmetic is float32. Every buffer is one head's and
     under 1 KB: TVM keeps those on the stack, where LLVM holds them in registers and knows they do not
-    alias the cache (larger ones come from TVM's workspace pool and run slower)."""
+    alias the cache (larger ones come from TVM's workspace pool and run slower).
+
+    prefetch (paged): while key/value row t of a chunk is used, row t of the next chunk's page is
+    prefetched. In a batched decode step the cache is cold (the weights streamed through since the
+    layer's last step) and each page starts a new stream the hardware prefetcher has not seen: 8 x
+    192-token sequences, 30 layers, 8.3 -> 7.1 ms."""
     lanes = 16 if D % 16 == 0 else 1
     if paged and page_size % CHUNK:
         raise NotImplementedError(f"page size {page_size} is not a multiple of {CHUNK}")
@@ -69,6 +75,14 @@ def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", p
 
     def value(values, page, hk, pos, d):
         return f32(values[page, 1, hk, pos, d]) if paged else f32(values[pos, hk, d])
+
+    per_line = 64 // (2 if dtype == "float16" else 4)  # elements in a 64-byte cache line
+
+    @T.macro
+    def prefetch_row(pages, page, kv, hk, pos):
+        for line in T.unroll(D // per_line):  # (read, keep in all cache levels, data)
+            T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id("llvm.prefetch"),
+                                          T.address_of(pages[page, kv, hk, pos, line * per_line]), 0, 3, 1))
 
     @T.macro
     def init(q, qf, acc, st, row, h, sm_scale):
@@ -129,12 +143,18 @@ def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", p
         for c in T.serial((n_keys + CHUNK - 1) // CHUNK):
             page: T.let[T.int32] = page_values[first + c * CHUNK // page_size] if paged else 0
             base: T.let[T.int32] = c * CHUNK % page_size if paged else first + c * CHUNK
+            # where the next chunk starts (the last chunk's own start again: a harmless prefetch)
+            ahead: T.let[T.int32] = T.min((c + 1) * CHUNK, n_keys - 1) // CHUNK * CHUNK
+            next_page: T.let[T.int32] = page_values[first + ahead // page_size] if prefetch else 0
+            next_base: T.let[T.int32] = ahead % page_size if prefetch else 0
             st0[2] = st0[0]
             if pair:
                 st1[2] = st1[0]
             for t in T.serial(CHUNK):
                 if c * CHUNK + t < n_keys:
                     score(qf0, part0, S0, st0, keys, page, hk, base + t, t)
+                    if prefetch:
+                        prefetch_row(keys, next_page, 0, hk, next_base + t)
                     if pair:
                         score(qf1, part1, S1, st1, keys, page, hk, base + t, t)
                 else:
@@ -147,6 +167,8 @@ def _attend_macro(D: int, page_size: int, paged: bool, dtype: str = "float32", p
             for t in T.serial(CHUNK):
                 if c * CHUNK + t < n_keys:
                     st0[1] = st0[1] + S0[t]
+                    if prefetch:
+                        prefetch_row(values, next_page, 1, hk, next_base + t)
                     if pair:
                         st1[1] = st1[1] + S1[t]
                     for d in T.vectorized(D):
@@ -172,7 +194,7 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
     H_qo, H_kv, D = num_qo_heads, num_kv_heads, head_dim
     group = H_qo // H_kv
     heads = 2 if group % 2 == 0 else 1  # pairs of a GQA group share each key load; 2 threads stay busy
-    attend = _attend_macro(D, page_size, paged=True, dtype=dtype, pair=heads == 2)
+    attend = _attend_macro(D, page_size, paged=True, dtype=dtype, pair=heads == 2, prefetch=True)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(

@@ -42,22 +42,22 @@ def _lane_and_reduction_loops(sch: s_tir.Schedule, partials):
 
 def schedule_quantize_activations(sch: s_tir.Schedule):
     """Per token: absmax, scale and int8 values in one pass, the sum in a second over the cached
-    int8 row; both reductions in 16 vector lanes. Tokens in parallel when there are many (for one
-    decode token a parallel launch costs more than the work). rms_norm_quantize: the row's sum of
-    squares (16 lanes) comes first in each token's pass, and the normalized value is recomputed
-    where the quantization reads it."""
+    int8 row; both reductions in 16 vector lanes. Tokens in parallel, every stage of a token inside
+    one parallel loop, when the count is not 1 (for one decode token a parallel launch costs more
+    than the work). rms_norm_quantize: the row's sum of squares (16 lanes) comes first in each
+    token's pass, and the normalized value is recomputed where the quantization reads it."""
     norm = []
     if has_blocks(sch, "sum_sq"):
         sch.compute_inline(sch.get_sblock("normed"))
         norm = [_lane_partials(sch, "sum_sq"), sch.get_sblock("sum_sq"), sch.get_sblock("inv_rms")]
     amax_partials, sum_partials = _lane_partials(sch, "amax"), _lane_partials(sch, "x_sum")
     token = sch.get_loops(norm[0] if norm else amax_partials)[0]
-    for block in norm[1:] + ([amax_partials] if norm else []) + [sch.get_sblock(n) for n in ("amax", "act_scale", "x_q")]:
+    for block in (norm[1:] + ([amax_partials] if norm else [])
+                  + [sch.get_sblock(n) for n in ("amax", "act_scale", "x_q")] + [sum_partials, sch.get_sblock("x_sum")]):
         sch.reverse_compute_at(block, token, preserve_unit_loops=True)
     vectorize_lanes(sch, sch.get_loops(sch.get_sblock("x_q"))[-1])
     if extent(sch, token) != 1:
-        for loop in (token, sch.get_loops(sum_partials)[0], sch.get_loops(sch.get_sblock("x_sum"))[0]):
-            sch.parallel(loop)
+        sch.parallel(token)
     for partials in norm[:1] + [amax_partials, sum_partials]:
         lane, k = _lane_and_reduction_loops(sch, partials)
         sch.reorder(k, lane)  # reverse_compute_at orders the loops lane first
