@@ -282,16 +282,18 @@ def parser() -> argparse.ArgumentParser:
                                                       "kernels without a matching record get the default schedule")
     c.set_defaults(func=cmd_compile)
 
-    u = sub.add_parser("tune", help="autotune the ternary kernels on this machine; records go to schedules/",
+    u = sub.add_parser("tune", help="autotune the ternary kernels and the int8 head on this machine; records go "
+                                    "to schedules/",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Search the knobs of the ternary kernels' schedule templates (row blocks, "
-                                   "unrolling, rows per register tile, prefetch) with MetaSchedule, timing each "
+                       description="Search the knobs of the ternary kernels' and the int8 head's schedule "
+                                   "templates (row blocks, unrolling, rows per register tile, prefetch) with "
+                                   "MetaSchedule, timing each "
                                    "candidate on this machine. Each kernel's best knobs are checked against exact "
                                    "integer results, then saved as a record in schedules/<target>/ that every later "
                                    "`bitcompile compile` for that target applies. Ctrl-C keeps what was measured; "
                                    "run it again to resume.",
                        epilog="example:\n  bitcompile tune 2b4t --trials 32\n  bitcompile compile 2b4t -o 2b4t.bitc"
-                              "   # says: schedules: 12 tuned kernels from schedules/x86_64-znver4")
+                              "   # says: schedules: 14 tuned kernels from schedules/x86_64-znver4")
     u.add_argument("model", help="checkpoint directory (only config.json is read: kernels depend on shapes)")
     u.add_argument("--target", "-t", default="host", help="target preset (default: host)")
     u.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32; "

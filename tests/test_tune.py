@@ -39,6 +39,23 @@ def test_every_knob_setting_is_exact(tokens, rows):
 
 
 @needs_vnni
+@pytest.mark.parametrize("tokens", [1, None], ids=["decode", "batch"])
+def test_every_int8_head_knob_setting_is_exact(tokens):
+    """The int8 head is tunable too: row blocks per task, and for several rows the register tile of
+    rows; every setting against integer numpy (several rows at 1, 13 and 16)."""
+    task = tune.Task(ternary.lm_head_int8_func(tokens, 128, 256), x86.HEAD_INT8_VNNI)
+    space = task.template.space(tvm.s_tir.Schedule(task.func))
+    assert space["row_blocks"] == ([1, 2, 4, 8] if tokens else [1, 2, 4])
+    assert space.get("m_tile") == (None if tokens else [4, 8])
+    for values in itertools.product(*space.values()):
+        tune.verify(task, TARGET, dict(zip(space, values)))
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": task.func}))  # and the search's spaces (sampled knobs) build
+    chosen = [tune.knobs_of(s.trace.simplified(remove_postproc=True), list(space))
+              for s in tune.knob_space_fn(task.template, space)(sch)]
+    assert sorted(c.get("m_tile", 0) for c in chosen) == sorted(space.get("m_tile", [0]))
+
+
+@needs_vnni
 def test_verify_catches_a_wrong_kernel(monkeypatch):
     task = _task(1, 64, 64)
     broken = tune.Task(task.func, common.Template(
@@ -133,3 +150,16 @@ def test_batched_decode_kernels_are_tuned_apart_from_prefill(checkpoints):
     assert batch_key["rows"] == "batch" and "rows" not in prefill_key
     assert batch_key["row_tile"] == prefill_key["row_tile"] == str(ternary.CPU_ROW_TILE)  # CPUs pad rows to 4s
     assert records.key_digest(batch_key) != records.key_digest(prefill_key)
+
+
+@needs_vnni
+def test_the_int8_head_is_a_tuning_task_of_its_own(checkpoints):
+    """With the int8 head, its one-row kernel (decode, the prompt's last position) and its several-row
+    kernel (a batched step's logits) are tasks too, measured at 1 and BATCH_ROWS rows."""
+    from bitcompile.compiler.targets import resolve_target
+
+    tasks = tune.extract_tasks(checkpoints["autobitlinear"], resolve_target("host"), "int8")
+    heads = {t.name.split()[1]: t for t in tasks if t.op == "lm_head_int8"}
+    assert set(heads) == {"decode", "batch"}
+    assert (heads["decode"].measured_tokens, heads["batch"].measured_tokens) == (1, tune.BATCH_ROWS)
+    assert "x_pad" in heads["batch"].measured_func().script()  # measured as compiled: rows padded to tiles

@@ -42,7 +42,7 @@ from tvm.s_tir import meta_schedule as ms
 from ..kernels import ternary
 from ..kernels.schedule import tunable_template
 from ..model.config import load_config
-from ..model.head import check_head, default_head
+from ..model.head import block_int8_rows, check_head, default_head
 from ..model.packing import pack_kernel
 from .build import build_graph
 from .cross import linker_for
@@ -59,26 +59,36 @@ class Task:
     template: object  # schedule.Template
 
     @property
+    def op(self) -> str:
+        return str(self.func.attrs["bitcompile.op"])
+
+    @property
     def rows(self) -> str | None:
         return str(self.func.attrs["bitcompile.rows"]) if "bitcompile.rows" in self.func.attrs else None
 
     @property
+    def several_rows(self) -> str:
+        """What a symbolic row count serves: a batched decode step's sequences ("batch": also the
+        int8 head's, whose logits of several rows are those of a batched step), or a prompt's tokens."""
+        return "batch" if self.rows == "batch" or self.op == "lm_head_int8" else "prefill"
+
+    @property
     def name(self) -> str:
         tokens, n, k = self.shape
-        kind = "decode" if tokens is not None else "batch" if self.rows == "batch" else "prefill"
-        return f"ternary_matmul {kind} {n}x{k}"
+        return f"{self.op} {'decode' if tokens is not None else self.several_rows} {n}x{k}"
 
     @property
     def measured_tokens(self) -> int:
         tokens = self.shape[0]
-        return tokens if tokens is not None else BATCH_ROWS if self.rows == "batch" else PREFILL_TOKENS
+        return tokens if tokens is not None else BATCH_ROWS if self.several_rows == "batch" else PREFILL_TOKENS
 
     @property
     def shape(self) -> tuple[int | None, int, int]:
-        """(tokens or None when symbolic, n, k)."""
+        """(tokens or None when symbolic, outputs per row, inputs per row)."""
         xq, w = self.func.params[0], self.func.params[3]
         tokens = xq.shape[0]
-        return (int(tokens) if isinstance(tokens, tirx.IntImm) else None), int(w.shape[0]) * 16, int(xq.shape[1])
+        n = int(self.func.params[4].shape[0]) if self.op == "lm_head_int8" else int(w.shape[0]) * 16
+        return (int(tokens) if isinstance(tokens, tirx.IntImm) else None), n, int(xq.shape[1])
 
     def measured_func(self) -> tirx.PrimFunc:
         """The function MetaSchedule times: a symbolic token count fixed to measured_tokens (same
@@ -86,8 +96,17 @@ class Task:
         tokens, n, k = self.shape
         if tokens is not None:
             return self.func
-        return ternary.ternary_matmul_func(self.measured_tokens, n, k, pad_tokens=True, rows=self.rows,
-                                           row_tile=ternary.padded_row_tile(self.func))
+        return kernel_func(self.op, self.measured_tokens, n, k, pad_tokens=True, rows=self.rows,
+                           row_tile=ternary.padded_row_tile(self.func))
+
+
+def kernel_func(op: str, tokens: int | None, n: int, k: int, pad_tokens: bool | None = None,
+                rows: str | None = None, row_tile: int = ternary.M_TILE) -> tirx.PrimFunc:
+    """A tunable kernel alone as a PrimFunc, as the compiler makes it (tokens None: symbolic;
+    pad_tokens: see ternary.ternary_matmul)."""
+    if op == "lm_head_int8":
+        return ternary.lm_head_int8_func(tokens, n, k, pad_tokens=pad_tokens)
+    return ternary.ternary_matmul_func(tokens, n, k, pad_tokens=pad_tokens, rows=rows, row_tile=row_tile)
 
 
 def extract_tasks(model_dir, spec, head: str) -> list[Task]:
@@ -318,7 +337,7 @@ def choose(task: Task, target, finalists: list[dict], device: "Device", rounds: 
     if len(finalists) == 1:
         return finalists[0], None
     _, n, k = task.shape
-    *args, _ = _kernel_args(task.measured_tokens, n, k, np.random.default_rng(0))
+    *args, _ = _kernel_args(task.measured_tokens, n, k, np.random.default_rng(0), task.op)
     libs = [_build(task.measured_func(), task.template, knobs, target) for knobs in finalists]
     if device.tracker is None:
         passes = [streaming_pass(lib, args) for lib in libs]
@@ -405,13 +424,28 @@ def _compile_scheduled(sch: s_tir.Schedule, target):
     return tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target)
 
 
-def _kernel_args(tokens: int, n: int, k: int, rng) -> list[np.ndarray]:
-    """Random int8 activations and ternary weights in the kernel's argument order (scales of 1, so
-    the output is the exact integer dot product), plus the unpacked weights last, for checking."""
-    weights = rng.integers(-1, 2, (n, k)).astype(np.int8)
+def _kernel_args(tokens: int, n: int, k: int, rng, op: str = "ternary_matmul") -> list[np.ndarray]:
+    """Random int8 activations and weights (ternary, or the int8 head's rows) in the kernel's argument
+    order (scales of 1, so the output is the exact integer dot product), plus the unpacked weights
+    last, for checking."""
     xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
-    return [xq, np.ones(tokens, np.float32), xq.sum(1, dtype=np.int32), pack_kernel(weights),
+    if op == "lm_head_int8":
+        weights = rng.integers(-127, 128, (n, k), dtype=np.int8)
+        packed = block_int8_rows(weights)
+    else:
+        weights = rng.integers(-1, 2, (n, k)).astype(np.int8)
+        packed = pack_kernel(weights)
+    return [xq, np.ones(tokens, np.float32), xq.sum(1, dtype=np.int32), packed,
             np.ones(n, np.float32), np.zeros((tokens, n), np.float32), weights]
+
+
+def exact_products(xq: np.ndarray, weights: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """xq . weights^T exactly, as the float32 a kernel's int32 result becomes: float64 products and
+    sums are exact below 2^53 (BLAS speed; int64 matmul has none), in slices of weight rows (the
+    head's 128k rows as float64 would take 2.6 GB)."""
+    x = xq.astype(np.float64)
+    return np.concatenate([(x @ weights[i : i + rows].astype(np.float64).T).astype(np.int64).astype(np.float32)
+                           for i in range(0, len(weights), rows)], axis=1)
 
 
 def decode_gemv_kernels(config, schedules=None) -> list[tuple[dict, object]]:
@@ -441,12 +475,10 @@ def verify(task: Task, target, knobs: dict, device: Device | None = None):
     rng = np.random.default_rng(n + k)
     with device.load(_build(task.func, task.template, knobs, target)) as (kernel, dev):
         for tokens in [fixed] if fixed is not None else [1, 13, 16]:
-            *args, weights = _kernel_args(tokens, n, k, rng)
+            *args, weights = _kernel_args(tokens, n, k, rng, task.op)
             tensors = [tvm.runtime.tensor(a, dev) for a in args]
             kernel["main"](*tensors)
-            xq = args[0]
-            expected = (xq.astype(np.int64) @ weights.astype(np.int64).T).astype(np.float32)
-            if not np.array_equal(tensors[-1].numpy(), expected):
+            if not np.array_equal(tensors[-1].numpy(), exact_products(args[0], weights)):
                 raise RuntimeError(f"{task.name} with knobs {knobs} computed wrong results at {tokens} tokens on "
                                    f"{device.name}; the record was not kept")
 
@@ -458,10 +490,14 @@ def verify_record(path, target) -> str:
 
     record = json.loads(Path(path).read_text())
     key = record["key"]
-    xq_dims, w_dims = key["args"][0].split("[")[1].rstrip("]").split(","), key["args"][3].split("[")[1].rstrip("]").split(",")
+    def dims(arg: int) -> list[str]:
+        return key["args"][arg].split("[")[1].rstrip("]").split(",")
+
+    xq_dims = dims(0)
     tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
-    func = ternary.ternary_matmul_func(tokens, int(w_dims[0]) * 16, int(xq_dims[1]), rows=key.get("rows"),
-                                       row_tile=int(key.get("row_tile", ternary.M_TILE)))
+    n = int(dims(4)[0]) if key["op"] == "lm_head_int8" else int(dims(3)[0]) * 16
+    func = kernel_func(key["op"], tokens, n, int(xq_dims[1]), rows=key.get("rows"),
+                       row_tile=int(key.get("row_tile", ternary.M_TILE)))
     if kernel_key(func, target) != key:
         raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
     task = Task(func, tunable_template(func, target))
@@ -482,7 +518,7 @@ def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = N
     tasks = [t for t in extract_tasks(model_dir, spec, head) if not only or only in t.name]
     if not tasks:
         raise ValueError(f"no tunable kernels for target {spec.name}" + (f" match {only!r}" if only else "")
-                         + " (tunable: the ternary matmuls on targets with a tuning template)")
+                         + " (tunable: the ternary matmuls on targets with a tuning template, the int8 head on VNNI)")
     if rpc and not key:
         raise ValueError("--rpc needs --key: the key the device's RPC server registered with the tracker")
     if not rpc and spec.arch != platform.machine():

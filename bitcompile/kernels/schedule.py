@@ -180,13 +180,16 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
 
 
 def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
-    """The ternary matmul's template for targets with a dot-product instruction (VNNI, sdot);
-    other targets use the portable schedule_ternary_matmul."""
-    if op_name(func) != "ternary_matmul":
-        return None
+    """The template of a tunable kernel: the ternary matmul on targets with a dot-product
+    instruction (VNNI, sdot), the int8 head on VNNI; others use their fixed schedules."""
     from .arm import TERNARY_SDOT, has_dotprod
-    from .x86 import TERNARY_VNNI, has_vnni
+    from .x86 import HEAD_INT8_VNNI, TERNARY_VNNI, has_vnni
 
+    name = op_name(func)
+    if name == "lm_head_int8":
+        return HEAD_INT8_VNNI if has_vnni(target) else None
+    if name != "ternary_matmul":
+        return None
     if has_vnni(target):
         return TERNARY_VNNI
     return TERNARY_SDOT if has_dotprod(target) else None

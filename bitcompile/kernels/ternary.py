@@ -145,13 +145,16 @@ def lm_head_f32(x: te.Tensor, table: te.Tensor):
     return _head_matvec(x, table.shape[0], lambda j, h: table[j, h])
 
 
-def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, row_scale: te.Tensor):
+def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor, row_scale: te.Tensor,
+                 pad_tokens: bool | None = None):
     """Integer head: logits = (sum_h (q + 128) x_q - 128 sum(x_q)) / s * row_scale.
 
-    w: uint8 [Vp/16, H/4, 64] (model/head.py layout), row_scale: f32 [V] (V <= Vp)."""
+    w: uint8 [Vp/16, H/4, 64] (model/head.py layout), row_scale: f32 [V] (V <= Vp). pad_tokens
+    (default: when the row count is symbolic, i.e. batched) pads the rows to whole tiles (x_pad)."""
     m, h = xq.shape
     vocab = row_scale.shape[0]
-    xq_rows = _pad_tokens(xq) if not isinstance(m, (int, tirx.IntImm)) else xq  # batched: whole tiles of rows
+    pad = pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm))
+    xq_rows = _pad_tokens(xq) if pad else xq
     rh = te.reduce_axis((0, h), name="h")
     acc = te.compute(
         (xq_rows.shape[0], w.shape[0] * 16),
@@ -199,6 +202,15 @@ def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Te
         name="head_total",
     )
     return te.compute((m, vocab), lambda i, v: total[i, v] / scale[i], name="head_out")
+
+
+def lm_head_int8_func(tokens: int | None, vocab: int, hidden: int, pad_tokens: bool | None = None) -> tirx.PrimFunc:
+    """The int8 head alone as a PrimFunc (tokens None: symbolic, as a batched step compiles it)."""
+    tokens = tirx.Var("n", "int64") if tokens is None else tokens
+    xq, s, xsum = te.placeholder((tokens, hidden), "int8"), te.placeholder((tokens,), "float32"), te.placeholder((tokens,), "int32")
+    w, row_scale = te.placeholder(((vocab + 15) // 16, hidden // 4, 64), "uint8"), te.placeholder((vocab,), "float32")
+    logits = lm_head_int8(xq, s, xsum, w, row_scale, pad_tokens=pad_tokens)
+    return te.create_prim_func([xq, s, xsum, w, row_scale, logits]).with_attrs(op_attrs("lm_head_int8"))
 
 
 def ternary_matmul_func(tokens: int | None, n: int, k: int, pad_tokens: bool | None = None,

@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 from tvm.target import codegen
 
 from .common import Template, has_blocks, knob_value, register_intrin, scale_logits, vectorize_lanes
-from .ternary import padded_row_tile
+from .ternary import M_TILE, padded_row_tile
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
 
@@ -374,12 +374,14 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = V
     vectorize_lanes(sch, yn)
 
 
-def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None):
+def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None, m_tile=None):
     """The int8 head: the ternary loop nest without unpacking (each 64-byte block already holds
     16 rows x 4 inputs of unsigned codes). Several rows (padded to tiles: x_pad): each block is
-    loaded once into a register for a tile of M_TILE rows."""
+    loaded once into a register for a tile of `m_tile` rows. Knobs as the ternary template's
+    (HEAD_INT8_VNNI); None takes the measured defaults."""
     if has_blocks(sch, "x_pad"):
-        return _schedule_head_int8_tiles(sch, row_blocks or HEAD_TILE_ROW_BLOCKS)
+        return _schedule_head_int8_tiles(sch, HEAD_TILE_ROW_BLOCKS if row_blocks is None else row_blocks,
+                                         HEAD_M_TILE if m_tile is None else m_tile)
     acc, out = sch.get_sblock("head_acc"), sch.get_sblock("head_out")
     i, v, h = sch.get_loops(acc)
     if row_blocks is None:
@@ -400,19 +402,18 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None):
     scale_logits(sch, out)
 
 
-HEAD_TILE_ROW_BLOCKS = 2  # x M_TILE rows: 16 accumulators in registers
+HEAD_TILE_ROW_BLOCKS, HEAD_M_TILE = 2, 8  # 16 accumulators in registers
 
 
-def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks: int):
+def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     """Several rows: per task `row_blocks` x 16 vocabulary rows stream their weights once, each 64-byte
-    block going through head_rows_intrin for every tile of M_TILE rows (2B-4T head, 2 threads, 16
+    block going through head_rows_intrin for every tile of m_tile rows (2B-4T head, 2 threads, 16
     rows: 16.4 -> 15.4 ms; 8 rows: 8.9 ms either way)."""
-    from .ternary import M_TILE
-
     acc, out, pad = (sch.get_sblock(b) for b in ("head_acc", "head_out", "x_pad"))
     i, v, h = sch.get_loops(acc)
-    row_blocks = row_blocks_for(sch, v, row_blocks)
-    mo, mi = sch.split(i, factors=[None, M_TILE])
+    if isinstance(row_blocks, int):
+        row_blocks = row_blocks_for(sch, v, row_blocks)
+    mo, mi = sch.split(i, factors=[None, knob_value(sch, m_tile)])
     vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
     hb, kk = sch.split(h, factors=[None, 4])
     sch.reorder(vbo, mo, hb, vbi, mi, r, kk)
@@ -420,7 +421,7 @@ def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks: int):
     writeback = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(writeback, mo)
     sch.decompose_reduction(acc, hb)
-    sch.tensorize(mi, head_rows_intrin(M_TILE))
+    sch.tensorize(mi, head_rows_intrin(knob_value(sch, m_tile)))
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     pi, pk = sch.get_loops(pad)
@@ -462,3 +463,18 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
 
 
 TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space(rows_knobs=True), structural=("m_tile", "prefetch"))
+
+
+def head_int8_space(sch: s_tir.Schedule) -> dict:
+    """The int8 head's knobs: row blocks per task (that divide the 16-row blocks) and, for several
+    rows, the register tile of rows (that divides the padding, ternary.M_TILE)."""
+    _, v, _ = sch.get_loops(sch.get_sblock("head_acc"))
+    blocks = int(sch.get(v).extent) // 16
+    several = has_blocks(sch, "x_pad")
+    knobs = {"row_blocks": [d for d in ((1, 2, 4) if several else (1, 2, 4, 8, 16)) if blocks % d == 0]}
+    if several:
+        knobs["m_tile"] = [t for t in M_TILES if M_TILE % t == 0]
+    return knobs
+
+
+HEAD_INT8_VNNI = Template(schedule_lm_head_int8_vnni, head_int8_space, structural=("m_tile",))
