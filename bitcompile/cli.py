@@ -282,10 +282,10 @@ def parser() -> argparse.ArgumentParser:
                                                       "kernels without a matching record get the default schedule")
     c.set_defaults(func=cmd_compile)
 
-    u = sub.add_parser("tune", help="autotune the ternary kernels and the int8 head on this machine; records go "
+    u = sub.add_parser("tune", help="autotune the ternary kernels and the int8/q4 heads on this machine; records go "
                                     "to schedules/",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Search the knobs of the ternary kernels' and the int8 head's schedule "
+                       description="Search the knobs of the ternary kernels' and the int8/q4 heads' schedule "
                                    "templates (row blocks, unrolling, rows per register tile, prefetch) with "
                                    "MetaSchedule, timing each "
                                    "candidate on this machine. Each kernel's best knobs are checked against exact "

@@ -190,25 +190,29 @@ def test_int8_lm_head_with_a_dynamic_token_count_is_exact(vnni, m):
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64), (16, 100)])
+@pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (2, 64), (16, 100), ("dynamic", 100)])
 def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
+    """dynamic: a batched step's head, the row count known at run time (rows padded to tiles; 2, 13
+    and 16 rows)."""
     from bitcompile.kernels.x86 import has_vnni, schedule_lm_head_q4_vnni
     from bitcompile.model.head import block_q4, quantize_q4_groups
     if vnni and not has_vnni(TARGET):
         pytest.skip("host CPU has no AVX-512 VNNI")
-    rng = np.random.default_rng(v + m)
+    rng = np.random.default_rng(v)
     h = 128
     q, gscale = quantize_q4_groups(rng.standard_normal((v, h)).astype(np.float32))
     codes, scales = block_q4(q, gscale)
-    xq_t, s_t = te.placeholder((m, h), "int8"), te.placeholder((m,), "float32")
+    rows = tvm.tirx.Var("m", "int64") if m == "dynamic" else m
+    xq_t, s_t = te.placeholder((rows, h), "int8"), te.placeholder((rows,), "float32")
     w_t, gs_t = te.placeholder(codes.shape, "uint8"), te.placeholder(scales.shape, "float16")
     lib = build([xq_t, s_t, w_t, gs_t, ternary.lm_head_q4(xq_t, s_t, w_t, gs_t, v)],
                 schedule_lm_head_q4_vnni if vnni else schedule.schedule_lm_head_q4)
-    xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
-    *_, logits = run(lib, xq, np.ones(m, np.float32), codes, scales, np.zeros((m, v), np.float32))
-    per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64), xq.reshape(m, 4, 32).astype(np.int64))
-    want = (per_group * gscale.astype(np.float64)[None]).sum(axis=2)
-    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
+    for m in [2, 13, 16] if m == "dynamic" else [m]:
+        xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
+        *_, logits = run(lib, xq, np.ones(m, np.float32), codes, scales, np.zeros((m, v), np.float32))
+        per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64), xq.reshape(m, 4, 32).astype(np.int64))
+        want = (per_group * gscale.astype(np.float64)[None]).sum(axis=2)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
 
 
 def test_quantization_compiles_to_vector_code():

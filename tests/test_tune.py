@@ -40,10 +40,13 @@ def test_every_knob_setting_is_exact(tokens, rows):
 
 @needs_vnni
 @pytest.mark.parametrize("tokens", [1, None], ids=["decode", "batch"])
-def test_every_int8_head_knob_setting_is_exact(tokens):
-    """The int8 head is tunable too: row blocks per task, and for several rows the register tile of
-    rows; every setting against integer numpy (several rows at 1, 13 and 16)."""
-    task = tune.Task(ternary.lm_head_int8_func(tokens, 128, 256), x86.HEAD_INT8_VNNI)
+@pytest.mark.parametrize("head", ["int8", "q4"])
+def test_every_head_knob_setting_is_exact(head, tokens):
+    """The int8 and 4-bit heads are tunable too: row blocks per task, and for several rows the
+    register tile of rows; every setting against integer numpy (several rows at 1, 13 and 16)."""
+    make, template = ((ternary.lm_head_int8_func, x86.HEAD_INT8_VNNI) if head == "int8"
+                      else (ternary.lm_head_q4_func, x86.HEAD_Q4_VNNI))
+    task = tune.Task(make(tokens, 128, 256), template)
     space = task.template.space(tvm.s_tir.Schedule(task.func))
     assert space["row_blocks"] == ([1, 2, 4, 8] if tokens else [1, 2, 4])
     assert space.get("m_tile") == (None if tokens else [4, 8])
@@ -52,7 +55,9 @@ def test_every_int8_head_knob_setting_is_exact(tokens):
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": task.func}))  # and the search's spaces (sampled knobs) build
     chosen = [tune.knobs_of(s.trace.simplified(remove_postproc=True), list(space))
               for s in tune.knob_space_fn(task.template, space)(sch)]
-    assert sorted(c.get("m_tile", 0) for c in chosen) == sorted(space.get("m_tile", [0]))
+    assert all(c[name] in values for c in chosen for name, values in space.items())
+    if "m_tile" in template.structural and "m_tile" in space:  # chooses the intrinsic: a space per value
+        assert sorted(c["m_tile"] for c in chosen) == space["m_tile"]
 
 
 @needs_vnni
@@ -153,13 +158,14 @@ def test_batched_decode_kernels_are_tuned_apart_from_prefill(checkpoints):
 
 
 @needs_vnni
-def test_the_int8_head_is_a_tuning_task_of_its_own(checkpoints):
-    """With the int8 head, its one-row kernel (decode, the prompt's last position) and its several-row
-    kernel (a batched step's logits) are tasks too, measured at 1 and BATCH_ROWS rows."""
+@pytest.mark.parametrize("head", ["int8", "q4"])
+def test_the_head_is_a_tuning_task_of_its_own(checkpoints, head):
+    """With the int8 or 4-bit head, its one-row kernel (decode, the prompt's last position) and its
+    several-row kernel (a batched step's logits) are tasks too, measured at 1 and BATCH_ROWS rows."""
     from bitcompile.compiler.targets import resolve_target
 
-    tasks = tune.extract_tasks(checkpoints["autobitlinear"], resolve_target("host"), "int8")
-    heads = {t.name.split()[1]: t for t in tasks if t.op == "lm_head_int8"}
+    tasks = tune.extract_tasks(checkpoints["autobitlinear"], resolve_target("host"), head)
+    heads = {t.name.split()[1]: t for t in tasks if t.op == f"lm_head_{head}"}
     assert set(heads) == {"decode", "batch"}
     assert (heads["decode"].measured_tokens, heads["batch"].measured_tokens) == (1, tune.BATCH_ROWS)
     assert "x_pad" in heads["batch"].measured_func().script()  # measured as compiled: rows padded to tiles

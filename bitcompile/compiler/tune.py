@@ -42,7 +42,7 @@ from tvm.s_tir import meta_schedule as ms
 from ..kernels import ternary
 from ..kernels.schedule import tunable_template
 from ..model.config import load_config
-from ..model.head import block_int8_rows, check_head, default_head
+from ..model.head import block_int8_rows, block_q4, check_head, default_head
 from ..model.packing import pack_kernel
 from .build import build_graph
 from .cross import linker_for
@@ -69,8 +69,8 @@ class Task:
     @property
     def several_rows(self) -> str:
         """What a symbolic row count serves: a batched decode step's sequences ("batch": also the
-        int8 head's, whose logits of several rows are those of a batched step), or a prompt's tokens."""
-        return "batch" if self.rows == "batch" or self.op == "lm_head_int8" else "prefill"
+        heads', whose logits of several rows are those of a batched step), or a prompt's tokens."""
+        return "batch" if self.rows == "batch" or self.op in HEADS else "prefill"
 
     @property
     def name(self) -> str:
@@ -85,10 +85,13 @@ class Task:
     @property
     def shape(self) -> tuple[int | None, int, int]:
         """(tokens or None when symbolic, outputs per row, inputs per row)."""
-        xq, w = self.func.params[0], self.func.params[3]
-        tokens = xq.shape[0]
-        n = int(self.func.params[4].shape[0]) if self.op == "lm_head_int8" else int(w.shape[0]) * 16
+        xq, tokens = self.func.params[0], self.func.params[0].shape[0]
+        n = outputs_per_row(self.op, [p.shape for p in self.func.params])
         return (int(tokens) if isinstance(tokens, tirx.IntImm) else None), n, int(xq.shape[1])
+
+    @property
+    def weights_arg(self) -> int:
+        return WEIGHTS_ARG[self.op]
 
     def measured_func(self) -> tirx.PrimFunc:
         """The function MetaSchedule times: a symbolic token count fixed to measured_tokens (same
@@ -100,12 +103,27 @@ class Task:
                            row_tile=ternary.padded_row_tile(self.func))
 
 
+HEADS = ("lm_head_int8", "lm_head_q4")
+WEIGHTS_ARG = {"ternary_matmul": 3, "lm_head_int8": 3, "lm_head_q4": 2}  # which argument streams from memory
+
+
+def outputs_per_row(op: str, shapes) -> int:
+    """A tunable kernel's outputs per row from its argument shapes: the ternary matmul's 16-row
+    weight blocks, the int8 head's row scales, the 4-bit head's logits."""
+    if op == "lm_head_int8":
+        return int(shapes[4][0])
+    if op == "lm_head_q4":
+        return int(shapes[4][1])
+    return int(shapes[3][0]) * 16
+
+
 def kernel_func(op: str, tokens: int | None, n: int, k: int, pad_tokens: bool | None = None,
                 rows: str | None = None, row_tile: int = ternary.M_TILE) -> tirx.PrimFunc:
     """A tunable kernel alone as a PrimFunc, as the compiler makes it (tokens None: symbolic;
     pad_tokens: see ternary.ternary_matmul)."""
-    if op == "lm_head_int8":
-        return ternary.lm_head_int8_func(tokens, n, k, pad_tokens=pad_tokens)
+    if op in HEADS:
+        make = ternary.lm_head_int8_func if op == "lm_head_int8" else ternary.lm_head_q4_func
+        return make(tokens, n, k, pad_tokens=pad_tokens)
     return ternary.ternary_matmul_func(tokens, n, k, pad_tokens=pad_tokens, rows=rows, row_tile=row_tile)
 
 
@@ -340,7 +358,7 @@ def choose(task: Task, target, finalists: list[dict], device: "Device", rounds: 
     *args, _ = _kernel_args(task.measured_tokens, n, k, np.random.default_rng(0), task.op)
     libs = [_build(task.measured_func(), task.template, knobs, target) for knobs in finalists]
     if device.tracker is None:
-        passes = [streaming_pass(lib, args) for lib in libs]
+        passes = [streaming_pass(lib, args, task.weights_arg) for lib in libs]
         seconds = [[] for _ in passes]
         for _ in range(rounds):
             for times, one_pass in zip(seconds, passes):
@@ -429,6 +447,10 @@ def _kernel_args(tokens: int, n: int, k: int, rng, op: str = "ternary_matmul") -
     order (scales of 1, so the output is the exact integer dot product), plus the unpacked weights
     last, for checking."""
     xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
+    if op == "lm_head_q4":  # group scales of 1: the float sums of integer group sums stay exact
+        weights = rng.integers(-7, 8, (n, k), dtype=np.int8)
+        codes, scales = block_q4(weights, np.ones((n, k // ternary.Q4_GROUP), np.float16))
+        return [xq, np.ones(tokens, np.float32), codes, scales, np.zeros((tokens, n), np.float32), weights]
     if op == "lm_head_int8":
         weights = rng.integers(-127, 128, (n, k), dtype=np.int8)
         packed = block_int8_rows(weights)
@@ -490,13 +512,9 @@ def verify_record(path, target) -> str:
 
     record = json.loads(Path(path).read_text())
     key = record["key"]
-    def dims(arg: int) -> list[str]:
-        return key["args"][arg].split("[")[1].rstrip("]").split(",")
-
-    xq_dims = dims(0)
-    tokens = None if xq_dims[0] == "?" else int(xq_dims[0])
-    n = int(dims(4)[0]) if key["op"] == "lm_head_int8" else int(dims(3)[0]) * 16
-    func = kernel_func(key["op"], tokens, n, int(xq_dims[1]), rows=key.get("rows"),
+    shapes = [arg.split("[")[1].rstrip("]").split(",") for arg in key["args"]]
+    tokens = None if shapes[0][0] == "?" else int(shapes[0][0])
+    func = kernel_func(key["op"], tokens, outputs_per_row(key["op"], shapes), int(shapes[0][1]), rows=key.get("rows"),
                        row_tile=int(key.get("row_tile", ternary.M_TILE)))
     if kernel_key(func, target) != key:
         raise RuntimeError(f"{path}: its key does not describe a kernel this compiler makes for {target}")
@@ -518,7 +536,7 @@ def tune(model_dir, target: str = "host", trials: int = 32, head: str | None = N
     tasks = [t for t in extract_tasks(model_dir, spec, head) if not only or only in t.name]
     if not tasks:
         raise ValueError(f"no tunable kernels for target {spec.name}" + (f" match {only!r}" if only else "")
-                         + " (tunable: the ternary matmuls on targets with a tuning template, the int8 head on VNNI)")
+                         + " (tunable: the ternary matmuls on targets with a tuning template, the int8 and q4 heads on VNNI)")
     if rpc and not key:
         raise ValueError("--rpc needs --key: the key the device's RPC server registered with the tracker")
     if not rpc and spec.arch != platform.machine():

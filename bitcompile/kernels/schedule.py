@@ -164,6 +164,8 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
     """Portable 4-bit head: 16-row blocks in parallel; per group, the 32-input integer sum vectorized
     over the 16 rows, then scaled into float accumulators."""
     sch.compute_inline(sch.get_sblock("codes"))
+    if has_blocks(sch, "x_pad"):
+        sch.compute_inline(sch.get_sblock("x_pad"))
     total, acc, out = sch.get_sblock("head_total"), sch.get_sblock("group_acc"), sch.get_sblock("head_out")
     i, v, g = sch.get_loops(total)
     vb, r = sch.split(v, factors=[None, 16])
@@ -181,13 +183,13 @@ def schedule_lm_head_q4(sch: s_tir.Schedule):
 
 def tunable_template(func: tirx.PrimFunc, target) -> Template | None:
     """The template of a tunable kernel: the ternary matmul on targets with a dot-product
-    instruction (VNNI, sdot), the int8 head on VNNI; others use their fixed schedules."""
+    instruction (VNNI, sdot), the int8 and 4-bit heads on VNNI; others use their fixed schedules."""
     from .arm import TERNARY_SDOT, has_dotprod
-    from .x86 import HEAD_INT8_VNNI, TERNARY_VNNI, has_vnni
+    from .x86 import HEAD_INT8_VNNI, HEAD_Q4_VNNI, TERNARY_VNNI, has_vnni
 
     name = op_name(func)
-    if name == "lm_head_int8":
-        return HEAD_INT8_VNNI if has_vnni(target) else None
+    if name in ("lm_head_int8", "lm_head_q4"):
+        return (HEAD_INT8_VNNI if name == "lm_head_int8" else HEAD_Q4_VNNI) if has_vnni(target) else None
     if name != "ternary_matmul":
         return None
     if has_vnni(target):

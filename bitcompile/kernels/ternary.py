@@ -172,12 +172,17 @@ def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor,
 Q4_GROUP = 32  # inputs per scale in the 4-bit head
 
 
-def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Tensor, vocab: int):
+def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Tensor, vocab: int,
+               pad_tokens: bool | None = None):
     """4-bit head, groups of 32 inputs per scale: logits = sum_g gs[v, g] * sum_t (code - 8) x_q / s.
 
     w: uint8 [Vp/16, H/8, 64] (model/head.py q4 layout: two nibble planes of 16 rows x 4 inputs),
-    group_scale: f16 [Vp/16, H/32, 16]."""
+    group_scale: f16 [Vp/16, H/32, 16]. pad_tokens (default: when the row count is symbolic, i.e.
+    batched) pads the rows to whole tiles (x_pad)."""
     m, h = xq.shape
+    if pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm)):
+        xq = _pad_tokens(xq)
+    rows = xq.shape[0]
     groups = h // Q4_GROUP
     vp = w.shape[0] * 16
     codes = te.compute((w.shape[0], w.shape[1], 2, 64),
@@ -185,23 +190,34 @@ def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Te
                        name="codes")
     rt = te.reduce_axis((0, Q4_GROUP), name="t")
     acc = te.compute(  # [token, group, row]: a row block's 16 accumulators are contiguous
-        (m, groups, vp),
+        (rows, groups, vp),
         lambda i, g, v: te.sum(
             codes[v // 16, (g * Q4_GROUP + rt) // 8, rt % 8 // 4, v % 16 * 4 + rt % 4].astype("int32")
             * xq[i, g * Q4_GROUP + rt].astype("int32"), axis=rt),
         name="group_acc",
     )
     rs = te.reduce_axis((0, Q4_GROUP), name="ts")
-    gsum = te.compute((m, groups), lambda i, g: te.sum(xq[i, g * Q4_GROUP + rs].astype("int32"), axis=rs),
+    gsum = te.compute((rows, groups), lambda i, g: te.sum(xq[i, g * Q4_GROUP + rs].astype("int32"), axis=rs),
                       name="group_sum")
     rg = te.reduce_axis((0, groups), name="g")
     total = te.compute(
-        (m, vp),
+        (rows, vp),
         lambda i, v: te.sum((acc[i, rg, v] - gsum[i, rg] * 8).astype("float32")
                             * group_scale[v // 16, rg, v % 16].astype("float32"), axis=rg),
         name="head_total",
     )
     return te.compute((m, vocab), lambda i, v: total[i, v] / scale[i], name="head_out")
+
+
+def lm_head_q4_func(tokens: int | None, vocab: int, hidden: int, pad_tokens: bool | None = None) -> tirx.PrimFunc:
+    """The 4-bit head alone as a PrimFunc (tokens None: symbolic, as a batched step compiles it)."""
+    tokens = tirx.Var("n", "int64") if tokens is None else tokens
+    xq, s = te.placeholder((tokens, hidden), "int8"), te.placeholder((tokens,), "float32")
+    blocks = (vocab + 15) // 16
+    w = te.placeholder((blocks, hidden // 8, 64), "uint8")
+    group_scale = te.placeholder((blocks, hidden // Q4_GROUP, 16), "float16")
+    logits = lm_head_q4(xq, s, w, group_scale, vocab, pad_tokens=pad_tokens)
+    return te.create_prim_func([xq, s, w, group_scale, logits]).with_attrs(op_attrs("lm_head_q4"))
 
 
 def lm_head_int8_func(tokens: int | None, vocab: int, hidden: int, pad_tokens: bool | None = None) -> tirx.PrimFunc:

@@ -430,10 +430,14 @@ def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     scale_logits(sch, out)
 
 
-def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
+def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None, m_tile=None):
     """4-bit head: per (16-row block, group of 32 inputs) an int32x16 accumulator from 8 vpdpbusd
     (4 blocks of 8 inputs x 2 nibble planes), then one convert + multiply-add by the group scales
-    into float accumulators (row_blocks x 16 lanes) that stay in registers."""
+    into float accumulators (row_blocks x 16 lanes) that stay in registers. Several rows (padded to
+    tiles: x_pad): _schedule_head_q4_tiles."""
+    if has_blocks(sch, "x_pad"):
+        return _schedule_head_q4_tiles(sch, HEAD_Q4_ROW_BLOCKS if row_blocks is None else row_blocks,
+                                       HEAD_Q4_M_TILE if m_tile is None else m_tile)
     total, acc, codes, out = (sch.get_sblock(b) for b in ("head_total", "group_acc", "codes", "head_out"))
     i, v, g = sch.get_loops(total)
     if row_blocks is None:
@@ -462,13 +466,54 @@ def schedule_lm_head_q4_vnni(sch: s_tir.Schedule, row_blocks=None):
     scale_logits(sch, out)
 
 
+# registers per task: 8 unpacked nibble planes + m_tile int32 group sums + m_tile x row_blocks float sums
+HEAD_Q4_ROW_BLOCKS, HEAD_Q4_M_TILE = 4, 4  # 2B head, 8 rows: 11.3 ms (2 x 4: 12.1, 1 x 8: 12.1; per row: 13.3)
+
+
+def _schedule_head_q4_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
+    """The 4-bit head over several rows: per task and tile of m_tile rows, each group's 64-byte blocks
+    are unpacked into nibble planes once (in registers) and fed to every row of the tile; each row's
+    group sum is scaled into its float accumulators, which stay in registers for the whole row."""
+    total, acc, codes, out, pad = (sch.get_sblock(b) for b in ("head_total", "group_acc", "codes", "head_out",
+                                                               "x_pad"))
+    i, v, g = sch.get_loops(total)
+    if isinstance(row_blocks, int):
+        row_blocks = row_blocks_for(sch, v, row_blocks)
+    mo, mi = sch.split(i, factors=[None, m_tile])
+    vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
+    sch.reorder(vbo, mo, g, vbi, mi, r)
+    sch.parallel(vbo)
+    writeback = sch.cache_write(total, 0, "local")
+    sch.reverse_compute_at(writeback, mo)
+    sch.compute_at(acc, vbi, preserve_unit_loops=True)  # the tile's rows' group sums of these 16 rows
+    sch.set_scope(acc, 0, "local")
+    *_, ai, _, ar, at = sch.get_loops(acc)
+    tb, j, kk = sch.split(at, factors=[None, 2, 4])
+    sch.reorder(tb, j, ai, ar, kk)
+    sch.compute_at(codes, j)  # one nibble plane of one block, unpacked once for the tile's rows
+    sch.set_scope(codes, 0, "local")
+    sch.vectorize(sch.get_loops(codes)[-1])
+    sch.decompose_reduction(acc, tb)
+    sch.tensorize(ar, VNNI_16x4)
+    for loop in (ai, j, tb, mi, vbi):
+        sch.unroll(loop)
+    sch.vectorize(r)
+    sch.decompose_reduction(total, g)
+    vectorize_lanes(sch, sch.get_loops(writeback)[-1])
+    pi, pk = sch.get_loops(pad)
+    sch.parallel(pi)
+    vectorize_lanes(sch, pk)
+    scale_logits(sch, out)
+
+
 TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space(rows_knobs=True), structural=("m_tile", "prefetch"))
 
 
-def head_int8_space(sch: s_tir.Schedule) -> dict:
-    """The int8 head's knobs: row blocks per task (that divide the 16-row blocks) and, for several
-    rows, the register tile of rows (that divides the padding, ternary.M_TILE)."""
-    _, v, _ = sch.get_loops(sch.get_sblock("head_acc"))
+def head_space(sch: s_tir.Schedule) -> dict:
+    """The int8 and 4-bit heads' knobs: row blocks per task (that divide the 16-row blocks) and, for
+    several rows, the register tile of rows (that divides the padding, ternary.M_TILE)."""
+    acc = sch.get_sblock("head_acc" if has_blocks(sch, "head_acc") else "head_total")
+    _, v, _ = sch.get_loops(acc)
     blocks = int(sch.get(v).extent) // 16
     several = has_blocks(sch, "x_pad")
     knobs = {"row_blocks": [d for d in ((1, 2, 4) if several else (1, 2, 4, 8, 16)) if blocks % d == 0]}
@@ -477,4 +522,5 @@ def head_int8_space(sch: s_tir.Schedule) -> dict:
     return knobs
 
 
-HEAD_INT8_VNNI = Template(schedule_lm_head_int8_vnni, head_int8_space, structural=("m_tile",))
+HEAD_INT8_VNNI = Template(schedule_lm_head_int8_vnni, head_space, structural=("m_tile",))
+HEAD_Q4_VNNI = Template(schedule_lm_head_q4_vnni, head_space)
