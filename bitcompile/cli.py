@@ -342,8 +342,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--gen", type=int, default=128, help="generated tokens (default 128)")
     b.add_argument("--baseline", choices=["onnxruntime", "none"], default="onnxruntime")
     b.add_argument("--head", choices=HEAD_KINDS, help="lm_head option for the compiled model")
-    b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count; the median is "
-                                                         "reported (default 3)")
+    b.add_argument("--repeat", type=int, default=3, help="runs per engine and thread count, and rounds of the "
+                                                         "--concurrency rows; the median is reported (default 3)")
     b.add_argument("--concurrency", metavar="N,N,...", help="also run N concurrent requests through the batching "
                    "scheduler (e.g. 1,4,8,16; all at once and staggered): aggregate decode tok/s, TTFT and "
                    "inter-token latency p50/p99, peak RSS, beside concurrency 1")

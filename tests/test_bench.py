@@ -63,6 +63,20 @@ def test_bench_concurrency_reports_what_tools_read(checkpoints, tmp_path, monkey
     assert "concurrent requests" in table and "through the HTTP server" in table
 
 
+def test_concurrency_rounds_report_each_figure_s_median():
+    """--repeat rounds of the concurrency rows (each run its own process): per row the median of every
+    figure, the largest peak RSS, counts stay integers, and every run's decode rate is kept."""
+    from bitcompile.tools.bench_concurrency import _median_row
+
+    runs = [{"n": 8, "mode": "burst", "aggregate_decode_tok_s": rate, "itl_p50_s": itl, "peak_rss_mb": rss,
+             "prefix_hits": hits} for rate, itl, rss, hits in [(120.0, 0.066, 1300.0, 0), (130.0, 0.061, 1320.0, 2),
+                                                               (90.0, 0.09, 1310.0, 1)]]
+    row = _median_row(tuple(runs))
+    assert (row["n"], row["mode"], row["aggregate_decode_tok_s"], row["itl_p50_s"]) == (8, "burst", 120.0, 0.066)
+    assert row["peak_rss_mb"] == 1320.0 and row["prefix_hits"] == 1 and isinstance(row["prefix_hits"], int)
+    assert row["aggregate_decode_runs"] == [120.0, 130.0, 90.0]
+
+
 def test_bench_refuses_bad_concurrency(capsys):
     import pytest
 

@@ -165,7 +165,8 @@ def run_bench(model: Path, threads: list[int], prompt: int, gen: int, baseline: 
     if concurrency:
         from .bench_concurrency import run_concurrency
 
-        report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say, prefill_chunk)
+        report["concurrency"] = run_concurrency(artifact, max(threads), concurrency, prompt, gen, say, prefill_chunk,
+                                                  repeat=repeat)
         if http:
             from .bench_http import run_http
 

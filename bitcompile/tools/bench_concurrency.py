@@ -72,9 +72,11 @@ def _rates(handles, mode: str) -> dict:
 
 
 def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int, say=print,
-                    prefill_chunk: int = 128) -> list[dict]:
+                    prefill_chunk: int = 128, repeat: int = 1) -> list[dict]:
     """Concurrency 1 first (its request's lifetime spaces the staggered arrivals), then each N in both
-    arrival modes; every row carries concurrency 1's prefill rate and its decode speedup over it."""
+    arrival modes; every row carries concurrency 1's prefill rate and its decode speedup over it.
+    repeat > 1: that many rounds of all rows, each run a process of its own; each figure of a row is
+    its median over the rounds (this machine's speed differs from one process to the next)."""
     env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
 
     def run(n: int, mode: str, gap: float) -> dict:
@@ -82,23 +84,42 @@ def run_concurrency(artifact, threads: int, ns: list[int], prompt: int, gen: int
         return in_subprocess(__name__, "concurrency", [str(artifact), str(threads), str(n), mode, str(prompt),
                                                        str(gen), str(gap), str(prefill_chunk)], env=env)
 
-    single = run(1, "burst", 0.0)
-    rows = [single] + [run(n, mode, 0.0 if mode == "burst" else single["duration_s"] / n)
-                       for n in ns if n != 1 for mode in MODES]
+    rounds = []
+    for _ in range(repeat):
+        single = run(1, "burst", 0.0)
+        rounds.append([single] + [run(n, mode, 0.0 if mode == "burst" else single["duration_s"] / n)
+                                  for n in ns if n != 1 for mode in MODES])
+    rows = [_median_row(runs) for runs in zip(*rounds)]
+    single = rows[0]
     for row in rows:
-        row["threads"], row["prefill_chunk"] = threads, prefill_chunk
+        row["threads"], row["prefill_chunk"], row["repeat"] = threads, prefill_chunk, repeat
         row["prefill_tok_s"] = single["prefill_tok_s"]  # the same run's single-sequence prefill rate
         ok = row["aggregate_decode_tok_s"] and single["aggregate_decode_tok_s"]
         row["vs_concurrency_1"] = row["aggregate_decode_tok_s"] / single["aggregate_decode_tok_s"] if ok else None
     return rows
 
 
+def _median_row(runs: tuple[dict, ...]) -> dict:
+    """One row from its runs: the median of each figure (peak RSS: the largest), and the decode rate
+    of every run (aggregate_decode_runs)."""
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        values = [r[key] for r in runs]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and None not in values:
+            row[key] = max(values) if key == "peak_rss_mb" else type(value)(np.median(values))
+    row["aggregate_decode_runs"] = [r["aggregate_decode_tok_s"] for r in runs]
+    return row
+
+
 def format_concurrency(rows: list[dict], prompt: int, gen: int) -> list[str]:
     head = (f"{'n':>3s} {'arrivals':9s} {'decode tok/s':>12s} {'x n=1':>6s} {'% prefill':>9s} {'TTFT p50/p99 s':>15s} "
             f"{'ITL p50/p99 ms':>15s} {'peak RSS MB':>11s} {'prefix hits':>11s}")
+    repeat = rows[0].get("repeat", 1)
     lines = [f"concurrent requests ({rows[0]['threads']} threads; prompt {prompt} tokens in chunks of "
              f"{rows[0]['prefill_chunk']}, {gen} generated each; "
-             f"single-sequence prefill {rows[0]['prefill_tok_s']:.1f} tok/s):", head, "-" * len(head)]
+             f"single-sequence prefill {rows[0]['prefill_tok_s']:.1f} tok/s"
+             + (f"; medians of {repeat} rounds, each run its own process" if repeat > 1 else "") + "):",
+             head, "-" * len(head)]
     for r in rows:
         rate = r["aggregate_decode_tok_s"]
         itl = f"{1e3 * r['itl_p50_s']:.1f}/{1e3 * r['itl_p99_s']:.1f}" if r["itl_p50_s"] is not None else "-"
