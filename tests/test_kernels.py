@@ -207,10 +207,11 @@ def test_q4_lm_head_matches_group_integer_sums(vnni, m, v):
     w_t, gs_t = te.placeholder(codes.shape, "uint8"), te.placeholder(scales.shape, "float16")
     lib = build([xq_t, s_t, w_t, gs_t, ternary.lm_head_q4(xq_t, s_t, w_t, gs_t, v)],
                 schedule_lm_head_q4_vnni if vnni else schedule.schedule_lm_head_q4)
-    for m in [2, 13, 16] if m == "dynamic" else [m]:
-        xq = rng.integers(-128, 128, (m, h)).astype(np.int8)
-        *_, logits = run(lib, xq, np.ones(m, np.float32), codes, scales, np.zeros((m, v), np.float32))
-        per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64), xq.reshape(m, 4, 32).astype(np.int64))
+    for count in [2, 13, 16] if m == "dynamic" else [m]:
+        xq = rng.integers(-128, 128, (count, h)).astype(np.int8)
+        *_, logits = run(lib, xq, np.ones(count, np.float32), codes, scales, np.zeros((count, v), np.float32))
+        per_group = np.einsum("vgt,sgt->svg", q.reshape(v, 4, 32).astype(np.int64),
+                              xq.reshape(count, 4, 32).astype(np.int64))
         want = (per_group * gscale.astype(np.float64)[None]).sum(axis=2)
         np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)
 
