@@ -443,9 +443,9 @@ def _compile_scheduled(sch: s_tir.Schedule, target):
 
 
 def _kernel_args(tokens: int, n: int, k: int, rng, op: str = "ternary_matmul") -> list[np.ndarray]:
-    """Random int8 activations and weights (ternary, or the int8 head's rows) in the kernel's argument
-    order (scales of 1, so the output is the exact integer dot product), plus the unpacked weights
-    last, for checking."""
+    """Random int8 activations and weights (ternary, the int8 head's rows, or the 4-bit head's) in the
+    kernel's argument order (scales of 1, so the output is the exact integer dot product), plus the
+    unpacked weights last, for checking."""
     xq = rng.integers(-128, 128, (tokens, k)).astype(np.int8)
     if op == "lm_head_q4":  # group scales of 1: the float sums of integer group sums stay exact
         weights = rng.integers(-7, 8, (n, k), dtype=np.int8)
