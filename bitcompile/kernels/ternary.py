@@ -80,10 +80,13 @@ def padded_row_tile(func) -> int:
     return int(attrs["bitcompile.row_tile"]) if attrs is not None and "bitcompile.row_tile" in attrs else M_TILE
 
 
-def _pad_tokens(xq: te.Tensor, tile: int = M_TILE) -> te.Tensor:
+def _pad_tokens(xq: te.Tensor, pad_tokens: bool | None, tile: int = M_TILE) -> te.Tensor:
     """Prefill and batched steps: the rows padded with zeros to whole tiles of `tile`, so schedules
-    can tile them without a predicate (block "x_pad")."""
+    can tile them without a predicate (block "x_pad"). pad_tokens None: when the row count is
+    symbolic; False: xq as it is."""
     m, k = xq.shape
+    if not (pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm))):
+        return xq
     rows = (m + tile - 1) // tile * tile
     return te.compute((rows, k), lambda i, kk: tirx.if_then_else(i < m, xq[i, kk], tirx.const(0, "int8")),
                       name="x_pad")
@@ -95,10 +98,8 @@ def ternary_matmul(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tenso
     rows padded to a multiple of row_tile."""
     m, k = xq.shape
     n = w.shape[0] * 16
-    rows = m
-    if pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm)):
-        xq = _pad_tokens(xq, row_tile)
-        rows = xq.shape[0]
+    xq = _pad_tokens(xq, pad_tokens, row_tile)
+    rows = xq.shape[0]
     # codes[nb, kb, j, r*4 + kk] = code of row nb*16 + r at input kb*16 + 4j + kk: bit plane j of a block.
     # Schedules compute it per 64-byte block in registers (or inline it); it is never materialized whole.
     codes = te.compute(
@@ -153,8 +154,7 @@ def lm_head_int8(xq: te.Tensor, scale: te.Tensor, xsum: te.Tensor, w: te.Tensor,
     (default: when the row count is symbolic, i.e. batched) pads the rows to whole tiles (x_pad)."""
     m, h = xq.shape
     vocab = row_scale.shape[0]
-    pad = pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm))
-    xq_rows = _pad_tokens(xq) if pad else xq
+    xq_rows = _pad_tokens(xq, pad_tokens)
     rh = te.reduce_axis((0, h), name="h")
     acc = te.compute(
         (xq_rows.shape[0], w.shape[0] * 16),
@@ -180,8 +180,7 @@ def lm_head_q4(xq: te.Tensor, scale: te.Tensor, w: te.Tensor, group_scale: te.Te
     group_scale: f16 [Vp/16, H/32, 16]. pad_tokens (default: when the row count is symbolic, i.e.
     batched) pads the rows to whole tiles (x_pad)."""
     m, h = xq.shape
-    if pad_tokens if pad_tokens is not None else not isinstance(m, (int, tirx.IntImm)):
-        xq = _pad_tokens(xq)
+    xq = _pad_tokens(xq, pad_tokens)
     rows = xq.shape[0]
     groups = h // Q4_GROUP
     vp = w.shape[0] * 16
