@@ -17,7 +17,7 @@ Decode loop nest:
     y = (acc - sum(x_q)) / s * multiplier     (16 lanes at a time)
 
 Prefill and batched steps (several rows: tokens of a prompt, or one token of each sequence) use one
-intrinsic per 64-byte block and tile of `m_tile` rows (VNNI_PLANES_ROWS): the 4 bit planes are
+intrinsic per 64-byte block and tile of `m_tile` rows (rows_intrin): the 4 bit planes are
 unpacked once into registers and fed to every row of the tile, and the block 1 KB ahead is
 prefetched. With 8 rows the kernel is compute-bound, and without the prefetch its loads of cold
 weights stalled it (2B shapes at 8 rows, 2 threads, weights flushed from the caches: 336 -> 385-420
@@ -129,86 +129,60 @@ M_TILES = (4, 8)  # rows per register tile (ternary.M_TILE, the padding, is a mu
 
 
 @functools.cache
-def planes_rows_intrin(m_tile: int, prefetch: int) -> str:
-    """VNNI_PLANES_16x16 for a tile of `m_tile` rows: c[m] += planes(a) . b[m] for each row m, the
-    planes unpacked once; with `prefetch` (bytes), the weights that far ahead are prefetched.
+def rows_intrin(m_tile: int, prefetch: int = 0, planes: bool = True) -> str:
+    """One 64-byte weight block for a tile of `m_tile` rows: c[m] += block . b[m] for each row m.
+    planes: the ternary layout's block (VNNI_PLANES_16x16: 4 bit planes of 16 rows x 16 inputs),
+    unpacked once for the whole tile; else the int8 head's (VNNI_16x4: 16 rows x 4 inputs, already
+    vpdpbusd's u8 operand), loaded once into a register for every row. With `prefetch` (bytes), the
+    weights that far ahead are prefetched (the head has none: it made that kernel slower).
     Registered on first use (once per process)."""
-    name = f"bitcompile_vnni_u2s8_16x16_rows{m_tile}_pf{prefetch}"
+    inputs = 16 if planes else 4
+    name = f"bitcompile_vnni_{'u2' if planes else 'u8'}s8_16x{inputs}_rows{m_tile}_pf{prefetch}"
+
+    def code(a, r, k):
+        """The u8 operand's value for row r and input k of the block."""
+        if planes:
+            return T.bitwise_and(T.shift_right(a[r * 4 + k % 4], T.Cast("uint8", k // 4 * 2)), T.uint8(3))
+        return a[r * 4 + k]
 
     @T.prim_func(s_tir=True)
     def desc(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
         sb, sc = T.int64(), T.int64()
         a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
-        b = T.match_buffer(b_h, (m_tile, 16), "int8", offset_factor=1, strides=[sb, 1])
+        b = T.match_buffer(b_h, (m_tile, inputs), "int8", offset_factor=1, strides=[sb, 1])
         c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
         with T.sblock("root"):
-            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:16])
+            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:inputs])
             T.writes(c[0:m_tile, 0:16])
-            for m, r, k in T.grid(m_tile, 16, 16):
+            for m, r, k in T.grid(m_tile, 16, inputs):
                 with T.sblock("update"):
                     vm, vr, vk = T.axis.remap("SSR", [m, r, k])
-                    c[vm, vr] = c[vm, vr] + T.Cast("int32", T.bitwise_and(T.shift_right(a[vr * 4 + vk % 4], T.Cast(
-                        "uint8", vk // 4 * 2)), T.uint8(3))) * T.Cast("int32", b[vm, vk])
+                    c[vm, vr] = c[vm, vr] + T.Cast("int32", code(a, vr, vk)) * T.Cast("int32", b[vm, vk])
 
-    def row(c, planes, b, m):
+    def row(c, operands, b, m):
         acc = c.vload([m, 0], "int32x16")
-        for j, plane in enumerate(planes):
-            acc = _vpdpbusd(acc, plane, b, m, 4 * j)
+        for j, operand in enumerate(operands):
+            acc = _vpdpbusd(acc, operand, b, m, 4 * j)
         return acc
+
+    def operands(a):
+        """The block as vpdpbusd's u8 operands: its 4 bit planes, or itself."""
+        return [_plane(a, j) for j in range(4)] if planes else [T.reinterpret("int8x64", a.vload([0], "uint8x64"))]
 
     @T.prim_func(s_tir=True)
     def impl(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
         sb, sc = T.int64(), T.int64()
         a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
-        b = T.match_buffer(b_h, (m_tile, 16), "int8", offset_factor=1, strides=[sb, 1])
+        b = T.match_buffer(b_h, (m_tile, inputs), "int8", offset_factor=1, strides=[sb, 1])
         c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
         with T.sblock("root"):
-            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:16])
+            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:inputs])
             T.writes(c[0:m_tile, 0:16])
             if prefetch > 0:  # (read, keep in all cache levels, data)
                 T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id("llvm.prefetch"),
                                               a.access_ptr("r", offset=prefetch), 0, 3, 1))
             for m in T.unroll(m_tile):
-                c[m, T.ramp(T.int64(0), 1, 16)] = row(c, [_plane(a, j) for j in range(4)], b, m)
-
-    register_intrin(name, desc, impl)
-    return name
-
-
-@functools.cache
-def head_rows_intrin(m_tile: int) -> str:
-    """VNNI_16x4 for a tile of `m_tile` rows: the int8 head's 64-byte block (16 vocabulary rows x 4
-    inputs, already vpdpbusd's u8 operand) loaded once into a register for every row (the local
-    copy VNNI_16x4 reads went through the stack). No prefetch: it made this kernel slower.
-    Registered on first use."""
-    name = f"bitcompile_vnni_u8s8_16x4_rows{m_tile}"
-
-    @T.prim_func(s_tir=True)
-    def desc(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
-        sb, sc = T.int64(), T.int64()
-        a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
-        b = T.match_buffer(b_h, (m_tile, 4), "int8", offset_factor=1, strides=[sb, 1])
-        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
-        with T.sblock("root"):
-            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:4])
-            T.writes(c[0:m_tile, 0:16])
-            for m, r, k in T.grid(m_tile, 16, 4):
-                with T.sblock("update"):
-                    vm, vr, vk = T.axis.remap("SSR", [m, r, k])
-                    c[vm, vr] = c[vm, vr] + T.Cast("int32", a[vr * 4 + vk]) * T.Cast("int32", b[vm, vk])
-
-    @T.prim_func(s_tir=True)
-    def impl(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
-        sb, sc = T.int64(), T.int64()
-        a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
-        b = T.match_buffer(b_h, (m_tile, 4), "int8", offset_factor=1, strides=[sb, 1])
-        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
-        with T.sblock("root"):
-            T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:4])
-            T.writes(c[0:m_tile, 0:16])
-            for m in T.unroll(m_tile):
-                c[m, T.ramp(T.int64(0), 1, 16)] = _vpdpbusd(c.vload([m, 0], "int32x16"),
-                                                            T.reinterpret("int8x64", a.vload([0], "uint8x64")), b, m, 0)
+                c[m, T.ramp(T.int64(0), 1, 16)] = row(c, operands(a), b, m)
 
     register_intrin(name, desc, impl)
     return name
@@ -321,7 +295,7 @@ def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 
 
 def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
     """Several rows on x86: per task a row-block group streams its weights once; each 64-byte block
-    goes through planes_rows_intrin for every tile of m_tile rows."""
+    goes through rows_intrin for every tile of m_tile rows."""
     acc, y, pad = (sch.get_sblock(b) for b in ("acc", "y", "x_pad"))
     i, n, k = sch.get_loops(acc)
     mo, mi = sch.split(i, factors=[None, m_tile])
@@ -333,7 +307,7 @@ def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
     sch.reverse_compute_at(writeback, mo)
     sch.compute_inline(sch.get_sblock("codes"))
     sch.decompose_reduction(acc, kbo)
-    sch.tensorize(mi, planes_rows_intrin(knob_value(sch, m_tile), knob_value(sch, prefetch)))
+    sch.tensorize(mi, rows_intrin(knob_value(sch, m_tile), knob_value(sch, prefetch)))
     sch.unroll(nbi)
     sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
@@ -407,8 +381,8 @@ HEAD_TILE_ROW_BLOCKS, HEAD_M_TILE = 2, 8  # 16 accumulators in registers
 
 def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     """Several rows: per task `row_blocks` x 16 vocabulary rows stream their weights once, each 64-byte
-    block going through head_rows_intrin for every tile of m_tile rows (2B-4T head, 2 threads, 16
-    rows: 16.4 -> 15.4 ms; 8 rows: 8.9 ms either way)."""
+    block going through rows_intrin (planes=False) for every tile of m_tile rows (2B-4T head, 2
+    threads, 16 rows: 16.4 -> 15.4 ms; 8 rows: 8.9 ms either way)."""
     acc, out, pad = (sch.get_sblock(b) for b in ("head_acc", "head_out", "x_pad"))
     i, v, h = sch.get_loops(acc)
     if isinstance(row_blocks, int):
@@ -421,7 +395,7 @@ def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     writeback = sch.cache_write(acc, 0, "local")
     sch.reverse_compute_at(writeback, mo)
     sch.decompose_reduction(acc, hb)
-    sch.tensorize(mi, head_rows_intrin(knob_value(sch, m_tile)))
+    sch.tensorize(mi, rows_intrin(knob_value(sch, m_tile), planes=False))
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     pi, pk = sch.get_loops(pad)
