@@ -24,6 +24,15 @@ def vectorize_lanes(sch: s_tir.Schedule, loop, lanes: int = 16):
     sch.vectorize(sch.split(loop, factors=[None, lanes])[1])
 
 
+def rows_in_parallel(sch: s_tir.Schedule, *blocks):
+    """2-D elementwise blocks (the rows padded to tiles, a matmul's scaled output): rows in
+    parallel, 16-lane vectors along each row."""
+    for block in blocks:
+        rows, cols = sch.get_loops(block)
+        sch.parallel(rows)
+        vectorize_lanes(sch, cols)
+
+
 def scale_logits(sch: s_tir.Schedule, out):
     """The heads' last step (integer sums -> scaled logits): 16-wide vectors over the vocabulary,
     vector chunks in parallel."""

@@ -15,7 +15,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import Template, extent, has_blocks, op_name, scale_logits, vectorize_lanes
+from .common import Template, extent, has_blocks, op_name, rows_in_parallel, scale_logits, vectorize_lanes
 
 
 def _lane_partials(sch: s_tir.Schedule, name: str, lanes: int = 16):
@@ -79,9 +79,7 @@ def schedule_ternary_matmul(sch: s_tir.Schedule):
     sch.vectorize(ji)
     init = sch.decompose_reduction(acc, ko)
     sch.vectorize(sch.get_loops(init)[-1])
-    yi, yj = sch.get_loops(y)
-    sch.parallel(yi)
-    vectorize_lanes(sch, yj)
+    rows_in_parallel(sch, y)
 
 
 def schedule_lm_head(sch: s_tir.Schedule):
@@ -99,10 +97,7 @@ def schedule_lm_head(sch: s_tir.Schedule):
 
 
 def schedule_embedding(sch: s_tir.Schedule):
-    blk = sch.get_sblock("embed")
-    i, j = sch.get_loops(blk)
-    sch.parallel(i)
-    vectorize_lanes(sch, j)
+    rows_in_parallel(sch, sch.get_sblock("embed"))
 
 
 def schedule_rms_norm(sch: s_tir.Schedule):

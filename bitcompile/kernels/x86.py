@@ -32,7 +32,8 @@ from tvm import s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from .common import Template, has_blocks, knob_value, register_intrin, scale_logits, vectorize_lanes
+from .common import (Template, has_blocks, knob_value, register_intrin, rows_in_parallel, scale_logits,
+                     vectorize_lanes)
 from .ternary import M_TILE, padded_row_tile
 
 VNNI_16x4 = "bitcompile_vnni_u8s8_16x4"
@@ -311,10 +312,7 @@ def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
     sch.unroll(nbi)
     sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
-    for block in (pad, y):
-        rows, cols = sch.get_loops(block)
-        sch.parallel(rows)
-        vectorize_lanes(sch, cols)
+    rows_in_parallel(sch, pad, y)
 
 
 def _unpack_in_registers(sch: s_tir.Schedule, codes, loop):
@@ -340,12 +338,7 @@ def _schedule_prefill(sch: s_tir.Schedule, row_blocks, k_unroll, intrin: str = V
     sch.unroll(nbi)
     sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
-    pi, pk = sch.get_loops(pad)
-    sch.parallel(pi)
-    vectorize_lanes(sch, pk)
-    yi, yn = sch.get_loops(y)
-    sch.parallel(yi)
-    vectorize_lanes(sch, yn)
+    rows_in_parallel(sch, pad, y)
 
 
 def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None, m_tile=None):
@@ -398,9 +391,7 @@ def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     sch.tensorize(mi, rows_intrin(knob_value(sch, m_tile), planes=False))
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
-    pi, pk = sch.get_loops(pad)
-    sch.parallel(pi)
-    vectorize_lanes(sch, pk)
+    rows_in_parallel(sch, pad)
     scale_logits(sch, out)
 
 
@@ -474,9 +465,7 @@ def _schedule_head_q4_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     sch.vectorize(r)
     sch.decompose_reduction(total, g)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
-    pi, pk = sch.get_loops(pad)
-    sch.parallel(pi)
-    vectorize_lanes(sch, pk)
+    rows_in_parallel(sch, pad)
     scale_logits(sch, out)
 
 
