@@ -83,3 +83,27 @@ def test_bench_refuses_bad_concurrency(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--concurrency", "4,x"])
     assert "--concurrency '4,x': give comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_prefill_rate_is_the_median_of_warm_prefills():
+    """The concurrency rows' yardstick: the first (allocating) prefill is not timed, and one slow
+    run among the timed ones does not set the rate."""
+    import time
+
+    from bitcompile.tools.bench_concurrency import prefill_rate
+
+    class Engine:
+        def __init__(self, seconds):
+            self.seconds, self.calls, self.released = list(seconds), 0, 0
+
+        def prefill(self, ids):
+            time.sleep(self.seconds[self.calls])
+            self.calls += 1
+
+        def release(self):
+            self.released += 1
+
+    engine = Engine([0.3, 0.02, 0.2, 0.02])  # a cold first call, then one slow run of three
+    rate = prefill_rate(engine, list(range(100)))
+    assert engine.calls == engine.released == 4
+    assert 100 / 0.025 < rate <= 100 / 0.02  # the median (a mean would be 3500)
