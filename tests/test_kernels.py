@@ -117,6 +117,25 @@ def test_vnni_decode_unpacks_with_16_bit_shifts():
     assert "vpdpbusd" in asm and "vpsrlw" in asm and "vgf2p8affineqb" not in asm
 
 
+@pytest.mark.skipif(not __import__("bitcompile.kernels.x86", fromlist=["x"]).has_vnni(TARGET),
+                    reason="host CPU has no AVX-512 VNNI")
+def test_batched_int8_head_prefetches_with_its_accumulators_in_registers():
+    """The several-row int8 head (8-row tile, one row block) prefetches the next task's weights into
+    L2, and its loop of vpdpbusd stores no accumulator: in a "local" (workspace) buffer LLVM had to
+    store all of them on every step around the prefetch (2x slower)."""
+    from bitcompile.kernels.x86 import schedule_lm_head_int8_vnni
+
+    sch = s_tir.Schedule(ternary.lm_head_int8_func(None, 1024, 512))
+    schedule_lm_head_int8_vnni(sch, row_blocks=1, m_tile=8)
+    asm = tvm.tirx.build(sch.mod, TARGET).inspect_source("asm")
+    blocks = [block.split("\n\tj")[0] for block in re.split(r"\n\.LBB\w+:", asm)]  # label to first jump
+    loops = [body for body in blocks if body.count("vpdpbusd") >= 8]
+    assert loops and all("prefetcht1" in body for body in loops)
+    stores = [line for body in loops for line in body.splitlines()
+              if re.match(r"\s*vmov\w*\s+%zmm\d+, .*\(", line)]
+    assert not stores, stores
+
+
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("m, v", [(1, 96), (1, 100), (3, 64)])
 def test_int8_lm_head_is_exact_in_integers(vnni, m, v):

@@ -56,8 +56,9 @@ def test_every_head_knob_setting_is_exact(head, tokens):
     chosen = [tune.knobs_of(s.trace.simplified(remove_postproc=True), list(space))
               for s in tune.knob_space_fn(task.template, space)(sch)]
     assert all(c[name] in values for c in chosen for name, values in space.items())
-    if "m_tile" in template.structural and "m_tile" in space:  # chooses the intrinsic: a space per value
-        assert sorted(c["m_tile"] for c in chosen) == space["m_tile"]
+    structural = [name for name in space if name in template.structural]  # each chooses instructions:
+    assert sorted(tuple(c[n] for n in structural) for c in chosen) == sorted(  # a space per combination
+        itertools.product(*(space[n] for n in structural)))
 
 
 @needs_vnni

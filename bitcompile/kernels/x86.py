@@ -126,19 +126,34 @@ register_intrin(VNNI_PLANES_16x16, _planes_16x16_desc, _planes_16x16_vnni)
 
 
 PREFETCH_BYTES = 1024  # how far ahead in a row block's weights the rows intrinsic prefetches
+# TVM keeps a "global" allocation under 1 KB as a stack alloca; bigger ones, and "local" ones of any size,
+# become TVMBackendAllocWorkspace pointers, which LLVM cannot tell apart from the weights' pointer. With
+# a prefetch in the loop it then stores every accumulator on every step, in case the prefetch reads it
+# (the 16-row int8 head: 2x slower). Accumulators on the stack stay in registers.
+STACK_ALLOCA_BYTES = 1024
+
+
+def on_stack(m_tile: int, row_blocks: int) -> bool:
+    """Whether a tile's int32x16 accumulators (m_tile rows x row_blocks blocks) fit the stack."""
+    return m_tile * row_blocks * 64 < STACK_ALLOCA_BYTES
+
+
 M_TILES = (4, 8)  # rows per register tile (ternary.M_TILE, the padding, is a multiple of each)
 
 
 @functools.cache
-def rows_intrin(m_tile: int, prefetch: int = 0, planes: bool = True) -> str:
+def rows_intrin(m_tile: int, prefetch: int = 0, planes: bool = True, locality: int = 3,
+                acc_scope: str = "local") -> str:
     """One 64-byte weight block for a tile of `m_tile` rows: c[m] += block . b[m] for each row m.
     planes: the ternary layout's block (VNNI_PLANES_16x16: 4 bit planes of 16 rows x 16 inputs),
     unpacked once for the whole tile; else the int8 head's (VNNI_16x4: 16 rows x 4 inputs, already
     vpdpbusd's u8 operand), loaded once into a register for every row. With `prefetch` (bytes), the
-    weights that far ahead are prefetched (the head has none: it made that kernel slower).
+    weights that far ahead are prefetched, into the cache levels `locality` names (3: all, 2: L2
+    and beyond). acc_scope: the accumulators' buffer ("global" on the stack: see STACK_ALLOCA_BYTES).
     Registered on first use (once per process)."""
     inputs = 16 if planes else 4
-    name = f"bitcompile_vnni_{'u2' if planes else 'u8'}s8_16x{inputs}_rows{m_tile}_pf{prefetch}"
+    name = (f"bitcompile_vnni_{'u2' if planes else 'u8'}s8_16x{inputs}_rows{m_tile}_pf{prefetch}"
+            + (f"_l{locality}" if locality != 3 else "") + (f"_{acc_scope}" if acc_scope != "local" else ""))
 
     def code(a, r, k):
         """The u8 operand's value for row r and input k of the block."""
@@ -151,7 +166,7 @@ def rows_intrin(m_tile: int, prefetch: int = 0, planes: bool = True) -> str:
         sb, sc = T.int64(), T.int64()
         a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
         b = T.match_buffer(b_h, (m_tile, inputs), "int8", offset_factor=1, strides=[sb, 1])
-        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
+        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope=acc_scope, strides=[sc, 1])
         with T.sblock("root"):
             T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:inputs])
             T.writes(c[0:m_tile, 0:16])
@@ -175,13 +190,13 @@ def rows_intrin(m_tile: int, prefetch: int = 0, planes: bool = True) -> str:
         sb, sc = T.int64(), T.int64()
         a = T.match_buffer(a_h, (64,), "uint8", offset_factor=1)
         b = T.match_buffer(b_h, (m_tile, inputs), "int8", offset_factor=1, strides=[sb, 1])
-        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope="local", strides=[sc, 1])
+        c = T.match_buffer(c_h, (m_tile, 16), "int32", offset_factor=1, scope=acc_scope, strides=[sc, 1])
         with T.sblock("root"):
             T.reads(c[0:m_tile, 0:16], a[0:64], b[0:m_tile, 0:inputs])
             T.writes(c[0:m_tile, 0:16])
-            if prefetch > 0:  # (read, keep in all cache levels, data)
+            if prefetch > 0:  # (read, locality, data)
                 T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id("llvm.prefetch"),
-                                              a.access_ptr("r", offset=prefetch), 0, 3, 1))
+                                              a.access_ptr("r", offset=prefetch), 0, locality, 1))
             for m in T.unroll(m_tile):
                 c[m, T.ramp(T.int64(0), 1, 16)] = row(c, operands(a), b, m)
 
@@ -369,26 +384,33 @@ def schedule_lm_head_int8_vnni(sch: s_tir.Schedule, row_blocks=None, m_tile=None
     scale_logits(sch, out)
 
 
-HEAD_TILE_ROW_BLOCKS, HEAD_M_TILE = 2, 8  # 16 accumulators in registers
+HEAD_TILE_ROW_BLOCKS, HEAD_M_TILE = 1, 8  # 8 accumulators, on the stack: the next task's weights prefetched
 
 
 def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     """Several rows: per task `row_blocks` x 16 vocabulary rows stream their weights once, each 64-byte
-    block going through rows_intrin (planes=False) for every tile of m_tile rows (2B-4T head, 2
-    threads, 16 rows: 16.4 -> 15.4 ms; 8 rows: 8.9 ms either way)."""
+    block going through rows_intrin (planes=False) for every tile of m_tile rows. Where the tile's
+    accumulators fit the stack (on_stack), each block prefetches the next task's block at its offset
+    into L2: the second row tile re-reads this task's weights from L2 while DRAM is already streaming
+    the next ones (2B-4T head, 2 threads, 16 rows: 8 x 1 15.3 -> 12.3 ms, 428 GMAC/s, against the 8 x 2
+    tile that was the default; at 8 rows the head streams from DRAM, 9.5-10 ms either way)."""
     acc, out, pad = (sch.get_sblock(b) for b in ("head_acc", "head_out", "x_pad"))
     i, v, h = sch.get_loops(acc)
-    if isinstance(row_blocks, int):
-        row_blocks = row_blocks_for(sch, v, row_blocks)
-    mo, mi = sch.split(i, factors=[None, knob_value(sch, m_tile)])
+    row_blocks = row_blocks_for(sch, v, knob_value(sch, row_blocks))
+    tile = knob_value(sch, m_tile)
+    mo, mi = sch.split(i, factors=[None, tile])
     vbo, vbi, r = sch.split(v, factors=[None, row_blocks, 16])
     hb, kk = sch.split(h, factors=[None, 4])
     sch.reorder(vbo, mo, hb, vbi, mi, r, kk)
     sch.parallel(vbo)
-    writeback = sch.cache_write(acc, 0, "local")
+    stack = on_stack(tile, row_blocks)
+    writeback = sch.cache_write(acc, 0, "global" if stack else "local")
     sch.reverse_compute_at(writeback, mo)
     sch.decompose_reduction(acc, hb)
-    sch.tensorize(mi, rows_intrin(knob_value(sch, m_tile), planes=False))
+    task_bytes = row_blocks * int(sch.get(hb).extent) * 64  # one task's weights: the next task's block is that far
+    intrin = rows_intrin(tile, task_bytes, planes=False, locality=2, acc_scope="global") if stack else \
+        rows_intrin(tile, planes=False)
+    sch.tensorize(mi, intrin)
     sch.unroll(vbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
     rows_in_parallel(sch, pad)
@@ -485,5 +507,6 @@ def head_space(sch: s_tir.Schedule) -> dict:
     return knobs
 
 
-HEAD_INT8_VNNI = Template(schedule_lm_head_int8_vnni, head_space, structural=("m_tile",))
+# row_blocks is structural too: with m_tile it decides whether the accumulators fit the stack (on_stack)
+HEAD_INT8_VNNI = Template(schedule_lm_head_int8_vnni, head_space, structural=("m_tile", "row_blocks"))
 HEAD_Q4_VNNI = Template(schedule_lm_head_q4_vnni, head_space)
