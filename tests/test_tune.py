@@ -33,7 +33,8 @@ def test_every_knob_setting_is_exact(tokens, rows):
     space = task.template.space(tvm.s_tir.Schedule(task.func))
     assert len(space["row_blocks"]) >= 3 and len(space["k_unroll"]) >= 2
     if tokens is None:  # several rows: the tile of rows (dividing the padding) and the prefetch are knobs too
-        assert space["m_tile"] == ([4] if rows else [4, 8]) and space["prefetch"] == [0, x86.PREFETCH_BYTES]
+        assert space["m_tile"] == ([4] if rows else [4, 8]) and space["prefetch"] == [
+            x86.PREFETCH_NONE, x86.PREFETCH_AHEAD, x86.PREFETCH_NEXT_TASK]
     for values in itertools.product(*space.values()):
         tune.verify(task, TARGET, dict(zip(space, values)))
 
@@ -126,16 +127,17 @@ def test_committed_records_verify_exactly():
 
 @needs_vnni
 def test_structural_knobs_get_a_design_space_per_value_and_are_read_back():
-    """The tile of rows and the prefetch choose the intrinsic: a replayed trace cannot change them, so
-    each pair is a space of its own, and every knob comes back from the (simplified) trace."""
+    """The tile of rows, the prefetch and the row blocks (with the tile: accumulators on the stack or
+    not) choose the instructions: a replayed trace cannot change them, so each combination is a space
+    of its own, and every knob comes back from the (simplified) trace."""
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": ternary.ternary_matmul_func(None, 128, 256)}))
     knobs = x86.TERNARY_VNNI.space(sch)
     spaces = tune.knob_space_fn(x86.TERNARY_VNNI, knobs)(sch)
     chosen = [tune.knobs_of(space.trace.simplified(remove_postproc=True), list(knobs)) for space in spaces]
-    assert sorted((c["m_tile"], c["prefetch"]) for c in chosen) == sorted(
-        itertools.product(knobs["m_tile"], knobs["prefetch"]))
+    assert sorted((c["m_tile"], c["prefetch"], c["row_blocks"]) for c in chosen) == sorted(
+        itertools.product(knobs["m_tile"], knobs["prefetch"], knobs["row_blocks"]))
     for c in chosen:
-        assert c["row_blocks"] in knobs["row_blocks"] and c["k_unroll"] in knobs["k_unroll"]
+        assert c["k_unroll"] in knobs["k_unroll"]
 
 
 def test_batched_decode_kernels_are_tuned_apart_from_prefill(checkpoints):

@@ -22,7 +22,8 @@ from ..paths import data_dir
 # Bump when a template's knobs change meaning: old records then stop matching instead of misleading.
 # 2: x86 decode unpacks inside its intrinsic (16-bit shifts), so the best knobs moved
 # 3: x86 prefill and batched steps: one intrinsic per block and tile of rows (knobs m_tile, prefetch)
-TEMPLATE_VERSION = 3
+# 4: x86 rows kernels: accumulators on the stack where they fit; prefetch is none / 1 KB ahead / next task
+TEMPLATE_VERSION = 4
 # ISA features a schedule template may depend on; the record is only valid for targets with the same set.
 ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "neon", "dotprod", "i8mm")
 

@@ -125,7 +125,12 @@ register_intrin(VNNI_16x4, _dot_16x4_desc, _dot_16x4_vnni)
 register_intrin(VNNI_PLANES_16x16, _planes_16x16_desc, _planes_16x16_vnni)
 
 
-PREFETCH_BYTES = 1024  # how far ahead in a row block's weights the rows intrinsic prefetches
+# What each weight block of the rows kernels prefetches (their `prefetch` knob): nothing; the block
+# PREFETCH_BYTES further in its row block, into every cache level; or the block at the same offset in the
+# next task's weights, into L2, so that DRAM streams the next task while this one computes (2B shapes,
+# 16 rows, with the accumulators on the stack: 90 -> 97% of the vpdpbusd peak).
+PREFETCH_NONE, PREFETCH_AHEAD, PREFETCH_NEXT_TASK = 0, 1, 2
+PREFETCH_BYTES = 1024
 # TVM keeps a "global" allocation under 1 KB as a stack alloca; bigger ones, and "local" ones of any size,
 # become TVMBackendAllocWorkspace pointers, which LLVM cannot tell apart from the weights' pointer. With
 # a prefetch in the loop it then stores every accumulator on every step, in case the prefetch reads it
@@ -223,11 +228,11 @@ def row_blocks_for(sch: s_tir.Schedule, loop, preferred: int = 4) -> int:
 # registers (8 x 4 spilled to L1 and ran at 2/3 of the speed). Tuning records (compiler/tune.py) override these.
 DECODE_ROW_BLOCKS = 8
 PREFILL_ROW_BLOCKS = 2  # the sdot nest's (arm.py) prefill; x86's rows intrinsic below takes 1
-# Several rows on x86 (2B shapes, 8 and 128 rows, cold weights): a tile of 8 rows with one row block,
-# i.e. 8 accumulators and 4 unpacked planes, and the prefetch; 4 rows x 2 blocks came within 5%, and
-# is the choice where rows are padded to 4 (batched steps: ternary.CPU_ROW_TILE). By that padding:
-ROWS_DEFAULTS = {8: {"m_tile": 8, "row_blocks": 1, "k_unroll": 1, "prefetch": PREFETCH_BYTES},
-                 4: {"m_tile": 4, "row_blocks": 2, "k_unroll": 1, "prefetch": PREFETCH_BYTES}}
+# Several rows on x86 (2B shapes, 16 and 128 rows, weights streamed): a tile of 4 rows with 2 row
+# blocks, i.e. 8 accumulators on the stack, prefetching the next task's weights: 436-458 GMAC/s at 128
+# rows, 5% above 8 x 1 with the 1 KB prefetch. By the padding of the rows (ternary.CPU_ROW_TILE: batched steps):
+ROWS_DEFAULTS = {8: {"m_tile": 4, "row_blocks": 2, "k_unroll": 1, "prefetch": PREFETCH_NEXT_TASK},
+                 4: {"m_tile": 4, "row_blocks": 2, "k_unroll": 1, "prefetch": PREFETCH_NEXT_TASK}}
 
 
 def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=1, intrin: str = VNNI_16x4,
@@ -236,7 +241,7 @@ def schedule_ternary_matmul_vnni(sch: s_tir.Schedule, row_blocks=None, k_unroll=
 
     Knobs (ints, or a tuner's sampled variables): `row_blocks` independent 16-row accumulators per task,
     `k_unroll` blocks of 16 inputs per unrolled step; for several rows on x86 also `m_tile` rows per
-    register tile and `prefetch` (bytes ahead, 0 for none). `intrin`: any TensorIntrin with
+    register tile and `prefetch` (PREFETCH_NONE, _AHEAD or _NEXT_TASK). `intrin`: any TensorIntrin with
     _dot_16x4_desc's description (schedule_arm's sdot uses this nest)."""
     acc = sch.get_sblock("acc")
     prefill = has_blocks(sch, "x_pad")
@@ -303,7 +308,8 @@ def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 
         }
         if prefill and rows_knobs:  # tiles of rows that divide the padding
             tile = padded_row_tile(sch.mod["main"])
-            knobs.update(m_tile=[t for t in M_TILES if tile % t == 0], prefetch=[0, PREFETCH_BYTES])
+            knobs.update(m_tile=[t for t in M_TILES if tile % t == 0],
+                         prefetch=[PREFETCH_NONE, PREFETCH_AHEAD, PREFETCH_NEXT_TASK])
         return knobs
 
     return space
@@ -311,19 +317,25 @@ def ternary_space(decode_row_blocks=(1, 2, 4, 8, 16), prefill_row_blocks=(1, 2, 
 
 def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
     """Several rows on x86: per task a row-block group streams its weights once; each 64-byte block
-    goes through rows_intrin for every tile of m_tile rows."""
+    goes through rows_intrin for every tile of m_tile rows. The tile's accumulators are on the stack
+    where they fit (on_stack), else a prefetch would cost a store of each of them every step."""
     acc, y, pad = (sch.get_sblock(b) for b in ("acc", "y", "x_pad"))
     i, n, k = sch.get_loops(acc)
-    mo, mi = sch.split(i, factors=[None, m_tile])
-    nbo, nbi, r = sch.split(n, factors=[None, row_blocks, 16])
+    tile, blocks, fetch = (knob_value(sch, knob) for knob in (m_tile, row_blocks, prefetch))
+    task_bytes = blocks * int(sch.get(k).extent) // 16 * 64  # one task's weights: row blocks x inputs / 16 x 64 B
+    mo, mi = sch.split(i, factors=[None, tile])
+    nbo, nbi, r = sch.split(n, factors=[None, blocks, 16])
     kbo, kbi, kk = sch.split(k, factors=[None, k_unroll, 16])
     sch.reorder(nbo, mo, kbo, kbi, nbi, mi, r, kk)
     sch.parallel(nbo)
-    writeback = sch.cache_write(acc, 0, "local")
+    scope = "global" if on_stack(tile, blocks) else "local"
+    writeback = sch.cache_write(acc, 0, scope)
     sch.reverse_compute_at(writeback, mo)
     sch.compute_inline(sch.get_sblock("codes"))
     sch.decompose_reduction(acc, kbo)
-    sch.tensorize(mi, rows_intrin(knob_value(sch, m_tile), knob_value(sch, prefetch)))
+    distance, locality = {PREFETCH_NONE: (0, 3), PREFETCH_AHEAD: (PREFETCH_BYTES, 3),
+                          PREFETCH_NEXT_TASK: (task_bytes, 2)}[fetch]
+    sch.tensorize(mi, rows_intrin(tile, distance, locality=locality, acc_scope=scope))
     sch.unroll(nbi)
     sch.unroll(kbi)
     vectorize_lanes(sch, sch.get_loops(writeback)[-1])
@@ -491,7 +503,9 @@ def _schedule_head_q4_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     scale_logits(sch, out)
 
 
-TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space(rows_knobs=True), structural=("m_tile", "prefetch"))
+# row_blocks is structural: with m_tile it decides whether the accumulators fit the stack (on_stack)
+TERNARY_VNNI = Template(schedule_ternary_matmul_vnni, ternary_space(rows_knobs=True),
+                        structural=("m_tile", "prefetch", "row_blocks"))
 
 
 def head_space(sch: s_tir.Schedule) -> dict:
