@@ -252,10 +252,9 @@ def attention_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dt
                 next_b: T.let[T.int32] = T.if_then_else(last_kv, b + 1, b)
                 next_hk: T.let[T.int32] = T.if_then_else(h % group == last_pair and next_b < B and B > 1,
                                                          T.if_then_else(last_kv, 0, h // group + 1), -1)
-                next_pages: T.let[T.int32] = T.if_then_else(next_b < B, page_indptr[T.min(next_b, B - 1) + 1]
-                                                            - page_indptr[T.min(next_b, B - 1)], 0)
+                target: T.let[T.int32] = T.min(next_b, B - 1)  # in range; past the last, next_hk is -1
                 attend(Q, pages, pages, output, lse, b, h, h // group, n_keys, page_indptr[b], page_values, sm_scale,
-                       next_hk, page_indptr[T.min(next_b, B - 1)], next_pages)
+                       next_hk, page_indptr[target], page_indptr[target + 1] - page_indptr[target])
 
     return batch_decode_paged_kv_cpu
 

@@ -143,6 +143,15 @@ def on_stack(m_tile: int, row_blocks: int) -> bool:
     return m_tile * row_blocks * 64 < STACK_ALLOCA_BYTES
 
 
+def _tile_accumulators(sch: s_tir.Schedule, acc, loop, m_tile: int, row_blocks: int):
+    """The tile's accumulators for `acc`, written back at `loop`: on the stack where they fit
+    (on_stack), else in TVM's "local" workspace. Returns the writeback block and the scope."""
+    scope = "global" if on_stack(m_tile, row_blocks) else "local"
+    writeback = sch.cache_write(acc, 0, scope)
+    sch.reverse_compute_at(writeback, loop)
+    return writeback, scope
+
+
 M_TILES = (4, 8)  # rows per register tile (ternary.M_TILE, the padding, is a multiple of each)
 
 
@@ -328,9 +337,7 @@ def _schedule_rows(sch: s_tir.Schedule, row_blocks, k_unroll, m_tile, prefetch):
     kbo, kbi, kk = sch.split(k, factors=[None, k_unroll, 16])
     sch.reorder(nbo, mo, kbo, kbi, nbi, mi, r, kk)
     sch.parallel(nbo)
-    scope = "global" if on_stack(tile, blocks) else "local"
-    writeback = sch.cache_write(acc, 0, scope)
-    sch.reverse_compute_at(writeback, mo)
+    writeback, scope = _tile_accumulators(sch, acc, mo, tile, blocks)
     sch.compute_inline(sch.get_sblock("codes"))
     sch.decompose_reduction(acc, kbo)
     distance, locality = {PREFETCH_NONE: (0, 3), PREFETCH_AHEAD: (PREFETCH_BYTES, 3),
@@ -415,12 +422,10 @@ def _schedule_head_int8_tiles(sch: s_tir.Schedule, row_blocks, m_tile):
     hb, kk = sch.split(h, factors=[None, 4])
     sch.reorder(vbo, mo, hb, vbi, mi, r, kk)
     sch.parallel(vbo)
-    stack = on_stack(tile, row_blocks)
-    writeback = sch.cache_write(acc, 0, "global" if stack else "local")
-    sch.reverse_compute_at(writeback, mo)
+    writeback, scope = _tile_accumulators(sch, acc, mo, tile, row_blocks)
     sch.decompose_reduction(acc, hb)
     task_bytes = row_blocks * int(sch.get(hb).extent) * 64  # one task's weights: the next task's block is that far
-    intrin = rows_intrin(tile, task_bytes, planes=False, locality=2, acc_scope="global") if stack else \
+    intrin = rows_intrin(tile, task_bytes, planes=False, locality=2, acc_scope=scope) if scope == "global" else \
         rows_intrin(tile, planes=False)
     sch.tensorize(mi, intrin)
     sch.unroll(vbi)
